@@ -1,0 +1,98 @@
+"""Errors the bridge raises, each with a message a person can act on.
+
+Deep code raises these; the HTTP layer maps them to a status code in one middleware
+(`bridge.api.middleware`), and the CLI prints the message. The hierarchy:
+
+    BridgeError                      status 500 unless a subclass says otherwise
+    ├── BadRequest                   400: the request itself is wrong
+    │   └── UnsafePath               400: a model id that climbs out of the models dir
+    ├── Forbidden                    403: origin / host / API key checks
+    ├── NotFound                     404: unknown model, download, route
+    ├── Conflict                     409: e.g. a download already running for the same file
+    ├── PayloadTooLarge              413
+    ├── Busy                         503 with Retry-After: the queue is full, or a model is loading
+    ├── ModelFileError               422: a file that is not a model we can read
+    │   └── GGUFError                422: a GGUF header that is truncated, corrupt or hostile
+    ├── NotEnoughMemory              507: the model does not fit
+    ├── NotEnoughDisk                507: the download does not fit on the disk
+    └── EngineError                  502: the llama.cpp worker failed (crash, OOM, load error)
+"""
+
+from __future__ import annotations
+
+
+class BridgeError(Exception):
+    """Base of every error the bridge reports to a user."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, **details: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict[str, object]:
+        return {"error": {"code": self.code, "message": self.message, **self.details}}
+
+
+class BadRequest(BridgeError):
+    status = 400
+    code = "bad_request"
+
+
+class UnsafePath(BadRequest):
+    code = "unsafe_path"
+
+
+class Forbidden(BridgeError):
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(BridgeError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(BridgeError):
+    status = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(BridgeError):
+    status = 413
+    code = "payload_too_large"
+
+
+class Busy(BridgeError):
+    status = 503
+    code = "busy"
+
+    def __init__(self, message: str, retry_after_s: int = 5, **details: object) -> None:
+        super().__init__(message, **details)
+        self.retry_after_s = retry_after_s
+
+
+class ModelFileError(BridgeError):
+    status = 422
+    code = "bad_model_file"
+
+
+class GGUFError(ModelFileError):
+    code = "bad_gguf"
+
+
+class NotEnoughMemory(BridgeError):
+    status = 507
+    code = "not_enough_memory"
+
+
+class NotEnoughDisk(BridgeError):
+    status = 507
+    code = "not_enough_disk"
+
+
+class EngineError(BridgeError):
+    status = 502
+    code = "engine_error"
