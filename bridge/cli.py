@@ -16,7 +16,7 @@ from .errors import BridgeError
 
 
 def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=str))
+    print(json.dumps(data, indent=2, default=str, ensure_ascii=False))
 
 
 # --- hardware ----------------------------------------------------------------------------------------
@@ -27,7 +27,14 @@ def _add_hardware(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_hardware(args: argparse.Namespace) -> int:
-    raise BridgeError("`hardware` is not available in this build yet")
+    from . import hardware
+
+    report = hardware.probe()
+    if args.json:
+        _print_json(hardware.report_to_dict(report))
+        return 0
+    print("\n".join(hardware.report_lines(report)))
+    return 0
 
 
 # --- inspect -----------------------------------------------------------------------------------------
@@ -56,7 +63,9 @@ def _run_fit(args: argparse.Namespace) -> int:
 
 # --- main --------------------------------------------------------------------------------------------
 
-COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]] = {
+Adder = Callable[[argparse._SubParsersAction], None]
+Runner = Callable[[argparse.Namespace], int]
+COMMANDS: dict[str, tuple[Adder, Runner]] = {
     "hardware": (_add_hardware, _run_hardware),
     "inspect": (_add_inspect, _run_inspect),
     "fit": (_add_fit, _run_fit),

@@ -1,0 +1,482 @@
+"""Hardware probe: CPU, RAM, swap, NVIDIA GPUs (NVML), GPU offload support of this build, Docker.
+
+Never fails: a machine without a GPU, without the NVML library, or with an NVML error still gets a
+correct report that says so (in `nvml_error`).
+
+The two libraries that talk to the outside world are parameters of `probe()` so that tests can stand
+in for them at their boundary: `nvml` (the `pynvml` module of the nvidia-ml-py package) and `llama`
+(the `llama_cpp` module). Both default to the real import.
+
+GPU memory bandwidth is computed from NVML's answers, not looked up in a table:
+
+    bandwidth_GB/s = max_memory_clock_MHz x 2 x bus_width_bits / 8 / 1000
+
+NVML reports the memory clock at half the data rate for GDDR6, GDDR6X and HBM alike, hence the x 2.
+Checked against the makers' figures: RTX 3090 (9751 MHz, 384 bit) 936 GB/s; RTX 4090 (10501 MHz,
+384 bit) 1008 GB/s; RTX 3080 (9501 MHz, 320 bit) 760 GB/s; A100 40 GB (1215 MHz, 5120 bit) 1555 GB/s;
+H100 PCIe (1593 MHz, 5120 bit) 2039 GB/s; H100 SXM (2619 MHz, 5120 bit) 3352 GB/s.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import os
+import platform
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import psutil
+
+from .errors import BadRequest
+
+MIB = 1024 * 1024
+
+# CPU RAM bandwidth is not measurable without a benchmark, so it is estimated from the core count: a
+# conservative DDR4-3200 figure per 64-bit channel (25.6 GB/s), with 2 channels for desktops and
+# laptops (up to 16 physical cores), 4 for workstations (up to 32) and 8 for servers. DDR5 desktops
+# reach 60-90 GB/s, so speed estimates built on this err on the slow side.
+GBS_PER_CHANNEL = 25.6
+
+
+@dataclass
+class CPUInfo:
+    model: str
+    cores_physical: int
+    cores_logical: int
+    avx2: bool
+    avx512: bool
+
+
+@dataclass
+class GPUInfo:
+    index: int
+    name: str
+    total_mib: int
+    free_mib: int
+    used_mib: int
+    driver: str | None = None
+    compute_capability: str | None = None  # "8.6"
+    bandwidth_gbs: float | None = None  # from bus width x memory clock
+    synthetic: bool = False  # made up by what_if(), not found on this machine
+
+
+@dataclass
+class HardwareReport:
+    cpu: CPUInfo
+    ram_total_mib: int
+    ram_available_mib: int
+    swap_total_mib: int
+    swap_free_mib: int
+    gpus: list[GPUInfo] = field(default_factory=list)
+    gpu_offload_supported: bool = False  # llama_supports_gpu_offload() of this llama-cpp-python build
+    gpu_problem: str | None = None  # e.g. "an NVIDIA GPU is present but this build cannot use it"
+    reinstall_command: str | None = None
+    nvml_error: str | None = None
+    in_docker: bool = False
+    cpu_bandwidth_gbs: float | None = None  # estimated RAM bandwidth, for speed estimates
+    llama_cpp_version: str | None = None  # None when llama_cpp cannot be imported
+    llama_cpp_error: str | None = None  # why llama_cpp cannot be imported
+    hypothetical: bool = False  # made by what_if(): memory figures are the user's, not measured
+
+    @property
+    def usable_gpus(self) -> list[GPUInfo]:
+        """GPUs the engine can offload to (none when the build cannot)."""
+        return self.gpus if self.gpu_offload_supported else []
+
+
+# --- probe -------------------------------------------------------------------------------------------
+
+def probe(nvml: Any = None, llama: Any = None) -> HardwareReport:
+    """Look at this machine. `nvml` and `llama` stand in for the `pynvml` and `llama_cpp` modules (tests)."""
+    llama, llama_error = (llama, None) if llama is not None else _import_llama()
+    ram, swap = psutil.virtual_memory(), psutil.swap_memory()
+    cpu = cpu_info(llama=llama)
+    gpus, nvml_error = nvidia_gpus(nvml)
+    report = HardwareReport(
+        cpu=cpu,
+        ram_total_mib=ram.total // MIB,
+        ram_available_mib=ram.available // MIB,
+        swap_total_mib=swap.total // MIB,
+        swap_free_mib=swap.free // MIB,
+        gpus=gpus,
+        gpu_offload_supported=bool(llama is not None and llama.llama_supports_gpu_offload()),
+        nvml_error=nvml_error,
+        in_docker=in_docker(),
+        cpu_bandwidth_gbs=estimate_cpu_bandwidth(cpu.cores_physical),
+        llama_cpp_version=getattr(llama, "__version__", None),
+        llama_cpp_error=llama_error,
+    )
+    _explain_gpu_problem(report)
+    return report
+
+
+def _import_llama() -> tuple[ModuleType | None, str | None]:
+    # Imported here, not at module top: loading llama.cpp's shared library is slow and may fail.
+    try:
+        import llama_cpp
+    except (ImportError, OSError, RuntimeError) as exc:
+        return None, f"llama-cpp-python cannot be imported: {exc}"
+    return llama_cpp, None
+
+
+def _explain_gpu_problem(report: HardwareReport) -> None:
+    """If an NVIDIA GPU is present but this build cannot use it, say so and how to fix it."""
+    if not report.gpus or report.gpu_offload_supported:
+        return
+    version = report.llama_cpp_version or _llama_version_for_install()
+    pin = f"=={version}" if version else ""
+    report.reinstall_command = (
+        f'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir llama-cpp-python{pin}'
+    )
+    if report.llama_cpp_version is None:
+        report.gpu_problem = (
+            "An NVIDIA GPU is present, but llama-cpp-python cannot be imported, so no model can run. "
+            "Install it with CUDA support (needs the CUDA toolkit)."
+        )
+        return
+    report.gpu_problem = (
+        f"An NVIDIA GPU is present, but this llama-cpp-python build ({report.llama_cpp_version}) was built "
+        "without GPU support, so models run on the CPU only. Rebuild it with CUDA (needs the CUDA toolkit)."
+    )
+
+
+def _llama_version_for_install() -> str | None:
+    """The installed llama-cpp-python version, else the one st-bridge pins, else None."""
+    try:
+        return importlib.metadata.version("llama-cpp-python")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        requirements = importlib.metadata.requires("st-bridge") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for req in requirements:
+        match = re.fullmatch(r"llama[-_]cpp[-_]python\s*==\s*([\w.]+)", req.strip(), re.IGNORECASE)
+        if match:
+            return match.group(1)
+    return None
+
+
+# --- CPU ---------------------------------------------------------------------------------------------
+
+def cpu_info(cpuinfo_path: Path = Path("/proc/cpuinfo"), llama: Any | None = None) -> CPUInfo:
+    """Model name and ISA flags from /proc/cpuinfo (Linux), else from llama.cpp's own CPU report."""
+    text = _read_text(cpuinfo_path)
+    model = _cpuinfo_field(text, "model name") or platform.processor() or platform.machine() or "unknown CPU"
+    logical = psutil.cpu_count(logical=True) or os.cpu_count() or 1
+    physical = psutil.cpu_count(logical=False) or logical
+    flags = set((_cpuinfo_field(text, "flags") or "").split())
+    if flags:
+        avx2, avx512 = "avx2" in flags, "avx512f" in flags
+    else:
+        avx2, avx512 = _llama_isa_flags(llama)
+    return CPUInfo(model=model, cores_physical=physical, cores_logical=logical, avx2=avx2, avx512=avx512)
+
+
+def _cpuinfo_field(text: str, name: str) -> str | None:
+    """The first `name : value` line of /proc/cpuinfo (every core repeats the same fields)."""
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == name:
+            return value.strip()
+    return None
+
+
+def _llama_isa_flags(llama: Any | None) -> tuple[bool, bool]:
+    """AVX2 / AVX-512 as llama.cpp reports them ("AVX2 = 1 | AVX512 = 1 | ..."); False when unknown."""
+    if llama is None:
+        return False, False
+    info = llama.llama_print_system_info()
+    text = info.decode(errors="replace") if isinstance(info, bytes) else str(info)
+    return bool(re.search(r"\bAVX2 = 1\b", text)), bool(re.search(r"\bAVX512 = 1\b", text))
+
+
+def estimate_cpu_bandwidth(cores_physical: int) -> float:
+    """A conservative RAM bandwidth in GB/s (see GBS_PER_CHANNEL for the heuristic)."""
+    channels = 2 if cores_physical <= 16 else 4 if cores_physical <= 32 else 8
+    return round(channels * GBS_PER_CHANNEL, 1)
+
+
+# --- NVIDIA GPUs (NVML) ------------------------------------------------------------------------------
+
+def nvidia_gpus(nvml: Any = None) -> tuple[list[GPUInfo], str | None]:
+    """Every NVIDIA GPU NVML sees, and a note on whatever NVML could not answer (None if all went well)."""
+    notes: list[str] = []
+    if nvml is None:
+        try:
+            import pynvml as nvml
+        except ImportError:
+            return [], "the nvidia-ml-py package is not installed, so NVIDIA GPUs cannot be seen"
+    try:
+        nvml.nvmlInit()
+    except Exception as exc:  # any failure of the driver library means "no GPU we can see", never a crash
+        return [], _describe_nvml_error(exc)
+    try:
+        gpus = _read_gpus(nvml, notes)
+    finally:
+        _call(notes, "shutting NVML down", lambda: nvml.nvmlShutdown())
+    return gpus, "; ".join(notes) or None
+
+
+def _read_gpus(nvml: Any, notes: list[str]) -> list[GPUInfo]:
+    count = _call(notes, "counting GPUs", lambda: nvml.nvmlDeviceGetCount())
+    if not count:
+        return []
+    driver = _text(_call(notes, "reading the driver version", lambda: nvml.nvmlSystemGetDriverVersion()))
+    gpus = []
+    for index in range(count):
+        gpu = _read_gpu(nvml, index, driver, notes)
+        if gpu is not None:
+            gpus.append(gpu)
+    return gpus
+
+
+def _read_gpu(nvml: Any, index: int, driver: str | None, notes: list[str]) -> GPUInfo | None:
+    """One GPU; None (with a note) when even its memory cannot be read, since a plan needs it."""
+    handle = _call(notes, f"GPU {index}: opening it", lambda: nvml.nvmlDeviceGetHandleByIndex(index))
+    if handle is None:
+        return None
+    memory = _call(notes, f"GPU {index}: reading its memory (GPU left out)",
+                   lambda: nvml.nvmlDeviceGetMemoryInfo(handle))
+    if memory is None:
+        return None
+    name = _text(_call(notes, f"GPU {index}: reading its name", lambda: nvml.nvmlDeviceGetName(handle)))
+    capability = _call(notes, f"GPU {index}: reading its compute capability",
+                       lambda: nvml.nvmlDeviceGetCudaComputeCapability(handle))
+    return GPUInfo(
+        index=index,
+        name=name or f"NVIDIA GPU {index}",
+        total_mib=memory.total // MIB,
+        free_mib=memory.free // MIB,
+        used_mib=memory.used // MIB,
+        driver=driver,
+        compute_capability=f"{capability[0]}.{capability[1]}" if capability else None,
+        bandwidth_gbs=_bandwidth(nvml, handle, index, notes),
+    )
+
+
+def _bandwidth(nvml: Any, handle: Any, index: int, notes: list[str]) -> float | None:
+    """Memory bandwidth in GB/s from bus width and max memory clock (formula in the module docstring)."""
+    what = f"GPU {index}: reading its memory bandwidth"
+    bus_bits = _call(notes, what, lambda: nvml.nvmlDeviceGetMemoryBusWidth(handle))
+    if not bus_bits:
+        return None
+    clock_mhz = _call(notes, what, lambda: nvml.nvmlDeviceGetMaxClockInfo(handle, nvml.NVML_CLOCK_MEM))
+    if not clock_mhz:
+        return None
+    return round(clock_mhz * 2 * bus_bits / 8 / 1000, 1)
+
+
+def _call(notes: list[str], what: str, fn: Callable[[], Any]) -> Any:
+    """One NVML call (a lambda, so a name missing from old bindings fails inside the try too).
+
+    On any failure: a note and None. Only the library call sits inside the try.
+    """
+    try:
+        return fn()
+    except Exception as exc:  # NVML raises NVMLError subclasses, old bindings AttributeError; none may crash
+        notes.append(f"{what} failed: {_describe_nvml_error(exc)}")
+        return None
+
+
+def _describe_nvml_error(exc: Exception) -> str:
+    kind = type(exc).__name__
+    if kind == "NVMLError_LibraryNotFound":
+        return "the NVIDIA driver library (NVML) is not installed, so there is no usable NVIDIA GPU"
+    if kind == "NVMLError_DriverNotLoaded":
+        return "the NVIDIA driver is installed but not loaded"
+    if kind == "NVMLError_NoPermission":
+        return "no permission to query the NVIDIA driver"
+    return f"NVML error: {exc}"
+
+
+def _text(value: Any) -> str | None:
+    """NVML strings are bytes in older bindings and str in newer ones."""
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return value
+
+
+# --- Docker ------------------------------------------------------------------------------------------
+
+def in_docker(root: Path = Path("/")) -> bool:
+    """Whether this process runs in a container (Docker, Podman, containerd, Kubernetes)."""
+    if (root / ".dockerenv").exists() or (root / "run/.containerenv").exists():
+        return True
+    cgroup = _read_text(root / "proc/1/cgroup")
+    if any(word in cgroup for word in ("docker", "containerd", "kubepods", "libpod")):
+        return True
+    return _root_is_overlay(_read_text(root / "proc/self/mountinfo"))
+
+
+def _root_is_overlay(mountinfo: str) -> bool:
+    """mountinfo lines: `id parent dev root mountpoint options [tags] - fstype source superoptions`."""
+    for line in mountinfo.splitlines():
+        fields, _, tail = line.partition(" - ")
+        parts = fields.split()
+        if len(parts) >= 5 and parts[4] == "/" and tail.split()[:1] == ["overlay"]:
+            return True
+    return False
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:  # not Linux, or not readable: the caller treats it as "nothing there"
+        return ""
+
+
+# --- what if -----------------------------------------------------------------------------------------
+
+def what_if(report: HardwareReport, gpu_mib: list[int] | None, ram_mib: int | None) -> HardwareReport:
+    """A copy with the free memory the user asks about: "what if my machine had this much free".
+
+    `gpu_mib` lists the free MiB of each GPU (`[0]`: no GPU). Entries beyond the GPUs found become
+    synthetic GPUs "GPU1", "GPU2"...; a GPU left out of the list is left out of the copy. Any GPU named
+    is assumed usable by the build. `ram_mib` replaces the available RAM. None keeps the measured value.
+    """
+    result = copy.deepcopy(report)
+    result.hypothetical = True
+    if ram_mib is not None:
+        _check_mib("--ram-mib", ram_mib)
+        result.ram_available_mib = ram_mib
+        result.ram_total_mib = max(result.ram_total_mib, ram_mib)
+    if gpu_mib is None:
+        return result
+    for mib in gpu_mib:
+        _check_mib("--gpu-mib", mib)
+    if not any(gpu_mib):
+        result.gpus = []
+        return result
+    result.gpus = [_gpu_with_free(report.gpus, index, mib) for index, mib in enumerate(gpu_mib)]
+    result.gpu_offload_supported = True
+    return result
+
+
+def _gpu_with_free(found: list[GPUInfo], index: int, free_mib: int) -> GPUInfo:
+    if index >= len(found):
+        return GPUInfo(index=index, name=f"GPU{index}", total_mib=free_mib, free_mib=free_mib, used_mib=0,
+                       synthetic=True)
+    gpu = copy.copy(found[index])
+    gpu.index = index
+    gpu.free_mib = free_mib
+    gpu.total_mib = max(gpu.total_mib, free_mib)
+    gpu.used_mib = gpu.total_mib - free_mib
+    return gpu
+
+
+def _check_mib(flag: str, value: int) -> None:
+    if value < 0:
+        raise BadRequest(f"{flag} must be a number of MiB, 0 or more (got {value})")
+
+
+# --- presentation ------------------------------------------------------------------------------------
+
+def report_to_dict(report: HardwareReport) -> dict[str, Any]:
+    """The report as plain JSON-ready data, with the one-line summary and the usable GPU count."""
+    data = asdict(report)
+    data["usable_gpu_count"] = len(report.usable_gpus)
+    data["summary"] = summary_line(report)
+    return data
+
+
+def summary_line(report: HardwareReport) -> str:
+    """E.g. "RTX 3080 10 GB (9.2 GB free) · 31 GB RAM (21 GB free) · 8 cores AVX2"."""
+    ram = f"{gb(report.ram_total_mib)} RAM ({gb(report.ram_available_mib)} free)"
+    return " · ".join([_gpus_summary(report), ram, _cpu_summary(report.cpu)])
+
+
+def _gpus_summary(report: HardwareReport) -> str:
+    if not report.gpus:
+        return "No NVIDIA GPU"
+    text = " + ".join(
+        f"{short_gpu_name(gpu.name)} {gb(gpu.total_mib)} ({gb(gpu.free_mib)} free)" for gpu in report.gpus
+    )
+    if not report.gpu_offload_supported:
+        text += ", not usable by this llama-cpp-python build"
+    return text
+
+
+def _cpu_summary(cpu: CPUInfo) -> str:
+    isa = "AVX-512" if cpu.avx512 else "AVX2" if cpu.avx2 else "no AVX2"
+    return f"{cpu.cores_physical} cores {isa}"
+
+
+def short_gpu_name(name: str) -> str:
+    """ "NVIDIA GeForce RTX 3080" -> "RTX 3080"; "NVIDIA H100 PCIe" -> "H100 PCIe"."""
+    short = re.sub(r"^(NVIDIA\s+)?(GeForce\s+)?", "", name).strip()
+    return short or name
+
+
+def gb(mib: int) -> str:
+    """MiB as a short GB figure: one decimal below 10 GB ("9.2 GB"), whole above ("21 GB")."""
+    value = mib / 1024
+    if value >= 10:
+        return f"{round(value)} GB"
+    return f"{value:.1f}".removesuffix(".0") + " GB"
+
+
+def report_lines(report: HardwareReport) -> list[str]:
+    """The report as readable lines for a terminal, in the order a person checks things."""
+    cpu = report.cpu
+    lines = [
+        summary_line(report),
+        "",
+        f"CPU        {cpu.model} · {cpu.cores_physical} cores, {cpu.cores_logical} threads"
+        f" · AVX2 {_yes(cpu.avx2)} · AVX-512 {_yes(cpu.avx512)}",
+        f"RAM        {report.ram_total_mib} MiB total, {report.ram_available_mib} MiB available",
+        f"Swap       {report.swap_total_mib} MiB total, {report.swap_free_mib} MiB free",
+        f"RAM speed  about {report.cpu_bandwidth_gbs:g} GB/s (an estimate from the core count)",
+    ]
+    lines += _gpu_lines(report)
+    lines.append(f"llama.cpp  {_llama_line(report)}")
+    if report.gpu_problem:
+        lines += [f"Problem    {report.gpu_problem}", f"Fix        {report.reinstall_command}"]
+    if report.nvml_error and report.gpus:
+        lines.append(f"NVML       {report.nvml_error}")
+    if report.in_docker:
+        lines.append("Container  yes (Docker or similar)")
+    if report.hypothetical:
+        lines.append("Note       free memory figures are the ones asked for, not measured")
+    return lines
+
+
+def _gpu_lines(report: HardwareReport) -> list[str]:
+    if not report.gpus:
+        lines = ["GPU        No NVIDIA GPU: models run on the CPU."]
+        if report.nvml_error:
+            lines.append(f"           ({report.nvml_error})")
+        if report.in_docker:
+            lines.append("           In a container, a GPU needs `docker run --gpus all` and the NVIDIA"
+                         " Container Toolkit.")
+        return lines
+    lines = []
+    for gpu in report.gpus:
+        details = [f"compute capability {gpu.compute_capability or 'unknown'}",
+                   f"{gpu.bandwidth_gbs:g} GB/s" if gpu.bandwidth_gbs else "bandwidth unknown"]
+        if gpu.driver:
+            details.append(f"driver {gpu.driver}")
+        lines += [
+            f"GPU {gpu.index:<6} {gpu.name} · {gpu.total_mib} MiB total, {gpu.free_mib} MiB free,"
+            f" {gpu.used_mib} MiB used",
+            f"           {' · '.join(details)}",
+        ]
+    return lines
+
+
+def _llama_line(report: HardwareReport) -> str:
+    if report.llama_cpp_version is None:
+        return report.llama_cpp_error or "llama-cpp-python is not available"
+    build = "can offload to a GPU" if report.gpu_offload_supported else "CPU-only build (cannot use a GPU)"
+    if report.hypothetical and report.gpu_offload_supported:
+        build = "GPU offload assumed for this what-if"
+    return f"llama-cpp-python {report.llama_cpp_version}, {build}"
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
