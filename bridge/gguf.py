@@ -14,10 +14,11 @@ from __future__ import annotations
 import os
 import re
 import struct
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
@@ -25,6 +26,8 @@ from .errors import GGUFError
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
+# Magic bytes of the formats that came before GGUF (2023). llama.cpp no longer loads them.
+LEGACY_MAGICS = {b"lmgg": "GGML", b"fmgg": "GGMF", b"tjgg": "GGJT"}
 
 # Limits on what a header may claim. Real models stay far below these (the largest vocabularies have
 # ~262k tokens, the largest MoE files ~50k tensors); anything above is corrupt or hostile.
@@ -34,10 +37,15 @@ MAX_ARRAY_LEN = 1 << 24
 MAX_STRING_LEN = 1 << 24
 MAX_DIMS = 4
 MAX_DIM = 1 << 40
+MAX_ELEMENTS = (1 << 63) - 1  # ggml counts elements in an int64
 MAX_HEADER_BYTES = 512 << 20
-# Arrays longer than this (token lists, merges) are skipped over, not kept: only their length is needed.
+MAX_LAYERS = 1 << 12
+MAX_CHUNK = 16 << 20
+# Arrays longer than this (scores, merges) are skipped over, not kept: only their length is needed.
 KEEP_ARRAY_LEN = 1 << 12
+# The token list is kept (BOS/EOS text) unless it is absurdly long.
 KEEP_ARRAY_KEYS = frozenset({"tokenizer.ggml.tokens"})
+KEEP_TOKENS_MAX = 1 << 20
 
 # GGUF metadata value types.
 T_UINT8, T_INT8, T_UINT16, T_INT16, T_UINT32, T_INT32, T_FLOAT32, T_BOOL = range(8)
@@ -46,6 +54,15 @@ _SCALARS: dict[int, str] = {
     T_UINT8: "<B", T_INT8: "<b", T_UINT16: "<H", T_INT16: "<h", T_UINT32: "<I", T_INT32: "<i",
     T_FLOAT32: "<f", T_BOOL: "<?", T_UINT64: "<Q", T_INT64: "<q", T_FLOAT64: "<d",
 }
+
+# ggml types that existed once and were removed from llama.cpp; files using them no longer load.
+REMOVED_TYPES = {
+    4: "Q4_2", 5: "Q4_3", 31: "Q4_0_4_4", 32: "Q4_0_4_8", 33: "Q4_0_8_8",
+    36: "IQ4_NL_4_4", 37: "IQ4_NL_4_8", 38: "IQ4_NL_8_8",
+}
+# general.file_type values for the removed ARM repack quants (LlamaFileType no longer lists them).
+REMOVED_FILE_TYPES = {33: "Q4_0_4_4", 34: "Q4_0_4_8", 35: "Q4_0_8_8"}
+FILE_TYPE_GUESSED = 1024  # llama.cpp ORs this flag in when it guessed the file type
 
 SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
 
@@ -61,25 +78,29 @@ class ByteSource(Protocol):
 
 
 class FileSource:
-    """A local file read with positional reads."""
+    """A local file read with positional reads (seek + read: works on every platform)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.name = self.path.name
         try:
-            self._fd = os.open(self.path, os.O_RDONLY)
+            self._file: BinaryIO = open(self.path, "rb")  # noqa: SIM115 - closed by close()/__exit__
+            self._size = os.fstat(self._file.fileno()).st_size
         except OSError as exc:
-            raise GGUFError(f"cannot open {self.path}: {exc.strerror}") from exc
-        self._size = os.fstat(self._fd).st_size
+            raise GGUFError(f"cannot open {self.path}: {exc.strerror or exc}") from exc
 
     def size(self) -> int | None:
         return self._size
 
     def read_at(self, offset: int, size: int) -> bytes:
-        return os.pread(self._fd, size, offset)
+        try:
+            self._file.seek(offset)
+            return self._file.read(size)
+        except OSError as exc:
+            raise GGUFError(f"cannot read {self.path}: {exc.strerror or exc}") from exc
 
     def close(self) -> None:
-        os.close(self._fd)
+        self._file.close()
 
     def __enter__(self) -> FileSource:
         return self
@@ -104,7 +125,12 @@ class CallbackSource:
 
 
 class _Cursor:
-    """Sequential reads over a ByteSource through a growing buffer, counting bytes fetched."""
+    """Sequential reads over a ByteSource through a buffer, counting bytes fetched.
+
+    The buffer holds [_buf_start, _buf_start + len(_buf)); `pos` may run past its end after a skip,
+    and the next read fetches from `pos`. Fetches start at 256 KiB and double (capped), so a header
+    of a few MB costs a handful of range requests.
+    """
 
     def __init__(self, source: ByteSource, first_chunk: int = 256 << 10) -> None:
         self.source = source
@@ -115,36 +141,56 @@ class _Cursor:
         self._chunk = first_chunk
         self.bytes_fetched = 0
 
+    def _buf_end(self) -> int:
+        return self._buf_start + len(self._buf)
+
     def _fill(self, need: int) -> None:
-        end = self._buf_start + len(self._buf)
-        missing = self.pos + need - end
-        if missing <= 0:
+        """Make [pos, pos + need) available in the buffer, or raise: the file ends early."""
+        if self.pos + need <= self._buf_end():
             return
-        want = max(missing, self._chunk)
-        self._chunk = min(self._chunk * 2, 16 << 20)
-        if self.total is not None:
-            want = min(want, self.total - end)
-        data = self.source.read_at(end, want) if want > 0 else b""
-        self.bytes_fetched += len(data)
-        keep_from = max(0, self.pos - self._buf_start)
-        self._buf = self._buf[keep_from:] + data
-        self._buf_start += keep_from
-        if self.pos + need > self._buf_start + len(self._buf):
+        # Drop what was already consumed; keep the unread tail (if pos is still inside the buffer).
+        if self.pos >= self._buf_end():
+            self._buf, self._buf_start = b"", self.pos
+        else:
+            self._buf, self._buf_start = self._buf[self.pos - self._buf_start :], self.pos
+        # Loop: a range source may answer with fewer bytes than asked.
+        while self._buf_end() < self.pos + need:
+            at = self._buf_end()
+            want = max(self.pos + need - at, self._chunk)
+            self._chunk = min(self._chunk * 2, MAX_CHUNK)
+            if self.total is not None:
+                want = min(want, self.total - at)
+            data = self.source.read_at(at, want) if want > 0 else b""
+            if not data:
+                break
+            self.bytes_fetched += len(data)
+            self._buf += data
+        if self._buf_end() < self.pos + need:
             raise GGUFError(
-                f"{self.source.name}: the file ends early (truncated at byte "
-                f"{self._buf_start + len(self._buf)}, needed byte {self.pos + need})"
+                f"{self.source.name}: the file ends early at byte {self._buf_end()} while reading the header "
+                f"(needed byte {self.pos + need}); it is truncated (an interrupted download?)"
             )
 
-    def read(self, n: int) -> bytes:
+    def _check_limit(self, n: int) -> None:
         if self.pos + n > MAX_HEADER_BYTES:
-            raise GGUFError(f"{self.source.name}: header larger than {MAX_HEADER_BYTES >> 20} MiB")
+            raise GGUFError(f"{self.source.name}: the header claims more than {MAX_HEADER_BYTES >> 20} MiB")
+
+    def read(self, n: int) -> bytes:
+        self._check_limit(n)
         self._fill(n)
         start = self.pos - self._buf_start
         self.pos += n
         return self._buf[start : start + n]
 
     def skip(self, n: int) -> None:
-        self.read(n)
+        """Move past n bytes; when the size is known they are never fetched (long arrays)."""
+        if self.total is None:
+            self.read(n)
+            return
+        self._check_limit(n)
+        if self.pos + n > self.total:
+            self._fill(n)  # raises the "ends early" error
+        self.pos += n
 
     def unpack(self, fmt: str) -> Any:
         size = struct.calcsize(fmt)
@@ -185,9 +231,10 @@ class GGUFHeader:
     tensors: list[TensorInfo]
     array_lengths: dict[str, int] = field(default_factory=dict)
     file_size: int | None = None
-    data_offset: int = 0
+    data_offset: int = 0  # of the first shard; see shard_data_offsets for the others
     bytes_read: int = 0
     shard_count: int = 1
+    shard_data_offsets: list[int] = field(default_factory=list)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
@@ -195,11 +242,19 @@ class GGUFHeader:
 
 def tensor_nbytes(ggml_type: int, shape: Sequence[int]) -> int:
     """Exact byte size of a tensor of this type and shape (ggml_nbytes for a contiguous tensor)."""
+    if ggml_type in REMOVED_TYPES:
+        raise GGUFError(
+            f"tensor type {REMOVED_TYPES[ggml_type]} was removed from llama.cpp; "
+            "this file no longer loads (download a current quant, e.g. Q4_0 instead of Q4_0_4_4)"
+        )
     try:
         qtype = GGMLQuantizationType(ggml_type)
         block, type_size = GGML_QUANT_SIZES[qtype]
     except (ValueError, KeyError) as exc:
-        raise GGUFError(f"unknown tensor type {ggml_type}: the file is corrupt or newer than this reader") from exc
+        raise GGUFError(
+            f"unknown tensor type {ggml_type}: the file "
+            "is corrupt or newer than this reader"
+        ) from exc
     if not shape:
         return type_size
     if shape[0] % block:
@@ -210,17 +265,45 @@ def tensor_nbytes(ggml_type: int, shape: Sequence[int]) -> int:
     return shape[0] // block * type_size * rows
 
 
-def _read_string(cur: _Cursor) -> str:
+def _read_string(cur: _Cursor, what: str, strict: bool = False) -> str:
+    """A length-prefixed string. Names (keys, tensors) must be UTF-8; values are shown with
+    replacement characters, since llama.cpp itself treats them as bytes."""
+    at = cur.pos
     n = cur.unpack("<Q")
     if n > MAX_STRING_LEN:
-        raise GGUFError(f"{cur.source.name}: a string claims {n} bytes, more than any real header holds")
+        raise GGUFError(
+            f"{cur.source.name}: {what} claims to be {n} "
+            "bytes long, more than any real header holds"
+        )
+    left = cur.remaining()
+    if left is not None and n > left:
+        raise GGUFError(f"{cur.source.name}: {what} claims {n} bytes at byte {at}, past the end of the file")
     raw = cur.read(n)
-    return raw.decode("utf-8", errors="replace")
+    try:
+        return raw.decode("utf-8", errors="strict" if strict else "replace")
+    except UnicodeDecodeError:
+        raise GGUFError(
+            f"{cur.source.name}: {what} at byte {at} is "
+            "not valid UTF-8 text; the file is corrupt"
+        ) from None
+
+
+def _skip_string(cur: _Cursor, what: str) -> None:
+    n = cur.unpack("<Q")
+    if n > MAX_STRING_LEN:
+        raise GGUFError(
+            f"{cur.source.name}: {what} claims to be {n} "
+            "bytes long, more than any real header holds"
+        )
+    cur.skip(n)
 
 
 def _check_array_fits(cur: _Cursor, count: int, min_elem: int, key: str) -> None:
     if count > MAX_ARRAY_LEN:
-        raise GGUFError(f"{cur.source.name}: array {key!r} claims {count} elements")
+        raise GGUFError(
+            f"{cur.source.name}: array {key!r} claims "
+            f"{count} elements, more than any real model has"
+        )
     left = cur.remaining()
     if left is not None and count * min_elem > left:
         raise GGUFError(f"{cur.source.name}: array {key!r} claims {count} elements, more than the file holds")
@@ -231,81 +314,152 @@ def _read_value(cur: _Cursor, vtype: int, key: str, depth: int = 0) -> tuple[Any
     if vtype in _SCALARS:
         return cur.unpack(_SCALARS[vtype]), None
     if vtype == T_STRING:
-        return _read_string(cur), None
+        return _read_string(cur, f"the value of {key!r}"), None
     if vtype != T_ARRAY:
-        raise GGUFError(f"{cur.source.name}: key {key!r} has unknown value type {vtype}")
+        raise GGUFError(f"{cur.source.name}: key {key!r} has unknown value type {vtype}; the file is corrupt")
     if depth > 1:
-        raise GGUFError(f"{cur.source.name}: key {key!r} nests arrays too deeply")
+        raise GGUFError(
+            f"{cur.source.name}: key {key!r} nests arrays "
+            "more than two deep; the file is corrupt"
+        )
     elem_type = cur.unpack("<I")
     count = cur.unpack("<Q")
-    keep = count <= KEEP_ARRAY_LEN or key in KEEP_ARRAY_KEYS
+    keep = count <= KEEP_ARRAY_LEN or (key in KEEP_ARRAY_KEYS and count <= KEEP_TOKENS_MAX)
     if elem_type in _SCALARS:
         fmt = _SCALARS[elem_type]
         size = struct.calcsize(fmt)
         _check_array_fits(cur, count, size, key)
-        raw = cur.read(size * count)
         if not keep:
+            cur.skip(size * count)
             return None, count
-        return list(struct.unpack(f"<{count}{fmt[1]}", raw)), count
+        return list(struct.unpack(f"<{count}{fmt[1]}", cur.read(size * count))), count
     if elem_type == T_STRING:
         _check_array_fits(cur, count, 8, key)
-        items = [_read_string(cur) for _ in range(count)]
-        return (items if keep else None), count
+        if not keep:
+            for _ in range(count):
+                _skip_string(cur, f"an element of {key!r}")
+            return None, count
+        return [_read_string(cur, f"an element of {key!r}") for _ in range(count)], count
     if elem_type == T_ARRAY:
         _check_array_fits(cur, count, 12, key)
         items = [_read_value(cur, T_ARRAY, key, depth + 1)[0] for _ in range(count)]
         return (items if keep else None), count
-    raise GGUFError(f"{cur.source.name}: array {key!r} has unknown element type {elem_type}")
+    raise GGUFError(
+        f"{cur.source.name}: array {key!r} has unknown "
+        f"element type {elem_type}; the file is corrupt"
+    )
+
+
+def _read_preamble(cur: _Cursor) -> tuple[int, int, int]:
+    """Magic, version and the two counts; the errors say what the file is if it is not GGUF."""
+    name = cur.source.name
+    size = cur.total
+    if size is not None and size < 4:
+        raise GGUFError(f"{name} is not a GGUF file: it is only {size} bytes long")
+    magic = cur.read(4)
+    if magic in LEGACY_MAGICS:
+        raise GGUFError(
+            f"{name} is an old {LEGACY_MAGICS[magic]} file (the format before GGUF, 2023); "
+            "llama.cpp no longer loads it: download the GGUF version of this model"
+        )
+    if magic != GGUF_MAGIC:
+        raise GGUFError(
+            f"{name} is not a GGUF file (it starts with "
+            f"{magic!r}, a GGUF file starts with b'GGUF')"
+        )
+    version = cur.unpack("<I")
+    if version == 1:
+        raise GGUFError(
+            f"{name} is GGUF version 1 (2023), which "
+            "llama.cpp no longer loads; download a newer file"
+        )
+    if version not in (2, 3):
+        if int.from_bytes(version.to_bytes(4, "little"), "big") in (2, 3):
+            raise GGUFError(
+                f"{name} is a big-endian GGUF (made for IBM "
+                "mainframes); it cannot run on this machine"
+            )
+        raise GGUFError(
+            f"{name}: GGUF version {version} is not "
+            "supported (only 2 and 3); the file is corrupt"
+        )
+    n_tensors = cur.unpack("<Q")
+    n_kv = cur.unpack("<Q")
+    if n_tensors > MAX_TENSOR_COUNT or n_kv > MAX_KV_COUNT:
+        raise GGUFError(
+            f"{name}: the header claims {n_tensors} tensors "
+            f"and {n_kv} keys; not a real model file"
+        )
+    return version, n_tensors, n_kv
 
 
 def read_header(source: ByteSource, shard: int = 0) -> GGUFHeader:
     """Read one GGUF file's header and tensor table from a byte source."""
     cur = _Cursor(source)
-    if cur.read(4) != GGUF_MAGIC:
-        raise GGUFError(f"{source.name} is not a GGUF file (wrong magic bytes)")
-    version = cur.unpack("<I")
-    if version not in (2, 3):
-        raise GGUFError(f"{source.name}: GGUF version {version} is not supported (only 2 and 3)")
-    n_tensors = cur.unpack("<Q")
-    n_kv = cur.unpack("<Q")
-    if n_tensors > MAX_TENSOR_COUNT or n_kv > MAX_KV_COUNT:
-        raise GGUFError(f"{source.name}: header claims {n_tensors} tensors and {n_kv} keys; not a real model")
+    version, n_tensors, n_kv = _read_preamble(cur)
 
     metadata: dict[str, Any] = {}
     lengths: dict[str, int] = {}
     for _ in range(n_kv):
-        key = _read_string(cur)
+        key = _read_string(cur, "a metadata key", strict=True)
+        if key in metadata:
+            raise GGUFError(f"{source.name}: metadata key {key!r} appears twice; the file is corrupt")
         vtype = cur.unpack("<I")
         value, length = _read_value(cur, vtype, key)
         metadata[key] = value
         if length is not None:
             lengths[key] = length
 
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
+        raise GGUFError(f"{source.name}: general.alignment {alignment!r} is not a power of two")
+
     left = cur.remaining()
     if left is not None and n_tensors * 24 > left:
-        raise GGUFError(f"{source.name}: header claims {n_tensors} tensors, more than the file holds")
-    tensors = [_read_tensor_info(cur, shard) for _ in range(n_tensors)]
+        raise GGUFError(f"{source.name}: the header claims {n_tensors} tensors, more than the file holds")
+    tensors = _read_tensor_table(cur, n_tensors, alignment, shard)
 
-    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-        raise GGUFError(f"{source.name}: general.alignment {alignment!r} is not a power of two")
     data_offset = -(-cur.pos // alignment) * alignment
     header = GGUFHeader(
         name=source.name, version=version, metadata=metadata, tensors=tensors, array_lengths=lengths,
         file_size=source.size(), data_offset=data_offset, bytes_read=cur.bytes_fetched,
+        shard_data_offsets=[data_offset],
     )
     _check_tensor_bounds(header)
     return header
 
 
+def _read_tensor_table(cur: _Cursor, n_tensors: int, alignment: int, shard: int) -> list[TensorInfo]:
+    tensors: list[TensorInfo] = []
+    seen: set[str] = set()
+    for _ in range(n_tensors):
+        t = _read_tensor_info(cur, shard)
+        if t.name in seen:
+            raise GGUFError(f"{cur.source.name}: tensor {t.name!r} appears twice; the file is corrupt")
+        if t.offset % alignment:
+            raise GGUFError(
+                f"{cur.source.name}: tensor {t.name!r} starts at offset {t.offset}, "
+                f"not a multiple of the alignment {alignment}; the file is corrupt"
+            )
+        seen.add(t.name)
+        tensors.append(t)
+    return tensors
+
+
 def _read_tensor_info(cur: _Cursor, shard: int) -> TensorInfo:
-    name = _read_string(cur)
+    name = _read_string(cur, "a tensor name", strict=True)
     n_dims = cur.unpack("<I")
     if n_dims > MAX_DIMS:
-        raise GGUFError(f"{cur.source.name}: tensor {name!r} has {n_dims} dimensions (ggml allows {MAX_DIMS})")
+        raise GGUFError(
+            f"{cur.source.name}: tensor {name!r} has "
+            f"{n_dims} dimensions (ggml allows {MAX_DIMS})"
+        )
     shape = tuple(cur.unpack("<Q") for _ in range(n_dims))
-    if any(d > MAX_DIM for d in shape):
-        raise GGUFError(f"{cur.source.name}: tensor {name!r} has an absurd shape {shape}")
+    n_elements = 1
+    for d in shape:
+        n_elements *= d
+    if any(d > MAX_DIM for d in shape) or n_elements > MAX_ELEMENTS:
+        raise GGUFError(f"{cur.source.name}: tensor {name!r} has an absurd shape {list(shape)}")
     ggml_type = cur.unpack("<I")
     offset = cur.unpack("<Q")
     try:
@@ -316,7 +470,7 @@ def _read_tensor_info(cur: _Cursor, shard: int) -> TensorInfo:
 
 
 def _check_tensor_bounds(header: GGUFHeader) -> None:
-    """A local file whose tensors reach past its end is truncated; say so before anything loads it."""
+    """A file whose tensors reach past its end is truncated; say so before anything loads it."""
     if header.file_size is None:
         return
     for t in header.tensors:
@@ -333,11 +487,16 @@ def shard_paths(path: Path) -> list[Path]:
     m = SHARD_RE.match(path.name)
     if not m:
         return [path]
-    count = int(m["count"])
+    no, count = int(m["no"]), int(m["count"])
+    if count < 1 or not 1 <= no <= count:
+        raise GGUFError(f"{path.name}: part {no} of {count} is not a valid split-file name")
     paths = [path.with_name(f"{m['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
     missing = [p.name for p in paths if not p.exists()]
     if missing:
-        raise GGUFError(f"{path.name} is part {m['no']} of {count}; missing: {', '.join(missing)}")
+        raise GGUFError(
+            f"{path.name} is part {no} of a model split into {count} files; missing: {', '.join(missing)} "
+            "(download every part into the same folder)"
+        )
     return paths
 
 
@@ -347,15 +506,30 @@ def merge_shards(headers: list[GGUFHeader]) -> GGUFHeader:
     expected = first.get("split.count", len(headers))
     if expected != len(headers):
         raise GGUFError(f"{first.name} says the model has {expected} parts, {len(headers)} were given")
+    for i, h in enumerate(headers):
+        no = h.get("split.no", i)
+        if no != i:
+            raise GGUFError(
+                f"{h.name} says it is part "
+                f"{no + 1 if isinstance(no, int) else no}, expected part {i + 1}"
+            )
     merged = GGUFHeader(
         name=first.name, version=first.version, metadata=dict(first.metadata),
         tensors=[t for h in headers for t in h.tensors], array_lengths=dict(first.array_lengths),
         file_size=sum(h.file_size or 0 for h in headers) if all(h.file_size for h in headers) else None,
-        data_offset=first.data_offset, bytes_read=sum(h.bytes_read for h in headers), shard_count=len(headers),
+        data_offset=first.data_offset, bytes_read=sum(h.bytes_read for h in headers),
+        shard_count=len(headers), shard_data_offsets=[h.data_offset for h in headers],
     )
+    names = [t.name for t in merged.tensors]
+    if len(set(names)) != len(names):
+        dup = next(n for n, c in Counter(names).items() if c > 1)
+        raise GGUFError(f"{first.name}: tensor {dup!r} appears in more than one part; the parts do not match")
     expected_tensors = first.get("split.tensors.count")
     if expected_tensors is not None and expected_tensors != len(merged.tensors):
-        raise GGUFError(f"{first.name}: the parts hold {len(merged.tensors)} tensors, {expected_tensors} expected")
+        raise GGUFError(
+            f"{first.name}: the parts hold {len(merged.tensors)} "
+            f"tensors, {expected_tensors} expected"
+        )
     return merged
 
 
@@ -371,6 +545,8 @@ def read_file(path: str | os.PathLike[str]) -> GGUFHeader:
 
 def read_sources(sources: Sequence[ByteSource]) -> GGUFHeader:
     """Read a model from range sources (one per shard, in order)."""
+    if not sources:
+        raise GGUFError("no GGUF source was given")
     headers = [read_header(s, shard=i) for i, s in enumerate(sources)]
     return headers[0] if len(headers) == 1 else merge_shards(headers)
 
@@ -393,8 +569,8 @@ class ModelInfo:
     n_layer: int
     n_embd: int
     n_head: list[int]  # per layer
-    n_head_kv: list[int]  # per layer; 0 for layers without attention (recurrent)
-    head_dim_k: int
+    n_head_kv: list[int]  # per layer; 0 for layers without attention (recurrent, or DeciLM's no-op layers)
+    head_dim_k: int  # elements of K per head; for MLA the cached latent width (kv_lora_rank + rope_dim)
     head_dim_v: int
     n_ff: list[int]  # per layer
     n_vocab: int
@@ -403,6 +579,8 @@ class ModelInfo:
     n_expert_used: int = 0
     sliding_window: int = 0
     swa_layers: list[bool] = field(default_factory=list)
+    # MLA: set only when llama.cpp caches the compressed latent (K only). Legacy DeepSeek files (one
+    # `attn_kv_b` tensor, no `key_length_mla`) run as ordinary attention with full K and V: 0 here.
     kv_lora_rank: int = 0
     rope_dim: int = 0
     recurrent_layers: list[bool] = field(default_factory=list)
@@ -417,6 +595,9 @@ class ModelInfo:
     eos_token: str | None = None
     size_bytes: int = 0  # tensor bytes (the file is this plus the header)
     shard_count: int = 1
+    n_ff_expert: int = 0  # feed-forward width of one expert (MoE)
+    n_expert_shared: int = 0
+    n_layer_dense_lead: int = 0  # leading layers with a dense FFN instead of experts (DeepSeek)
 
     @property
     def is_moe(self) -> bool:
@@ -426,24 +607,53 @@ class ModelInfo:
     def is_mla(self) -> bool:
         return self.kv_lora_rank > 0
 
+    @property
+    def is_recurrent(self) -> bool:
+        return any(self.recurrent_layers)
+
     def describe(self) -> str:
         parts = [self.architecture, f"{self.n_params / 1e9:.2f}B params"]
         if self.is_moe:
-            parts.append(f"{self.n_expert} experts, {self.n_expert_used} active ({self.n_params_active / 1e9:.1f}B)")
+            parts.append(
+                f"{self.n_expert} experts, {self.n_expert_used} "
+                f"active ({self.n_params_active / 1e9:.1f}B)"
+            )
         parts += [f"{self.n_layer} layers", f"ctx {self.n_ctx_train}"]
         if self.file_type:
             parts.append(self.file_type)
         return ", ".join(parts)
 
 
-def _per_layer(value: Any, n_layer: int, default: int) -> list[int]:
-    if value is None:
-        return [default] * n_layer
-    if isinstance(value, list):
-        if len(value) != n_layer:
-            raise GGUFError(f"a per-layer array has {len(value)} entries for {n_layer} layers")
-        return [int(v) for v in value]
-    return [int(value)] * n_layer
+class _Meta:
+    """Typed access to one architecture's metadata keys, with errors that name the key."""
+
+    def __init__(self, header: GGUFHeader, arch: str) -> None:
+        self.md = header.metadata
+        self.name = header.name
+        self.arch = arch
+
+    def raw(self, suffix: str) -> Any:
+        return self.md.get(f"{self.arch}.{suffix}")
+
+    def uint(self, suffix: str, default: int = 0) -> int:
+        value = self.raw(suffix)
+        if value is None:
+            return default
+        if type(value) is not int or value < 0:
+            raise GGUFError(f"{self.name}: {self.arch}.{suffix} should be a whole number, found {value!r}")
+        return value
+
+    def per_layer(self, suffix: str, n_layer: int, default: int) -> list[int]:
+        value = self.raw(suffix)
+        if value is None:
+            return [default] * n_layer
+        if isinstance(value, list):
+            if len(value) != n_layer or any(type(v) is not int or v < 0 for v in value):
+                raise GGUFError(
+                    f"{self.name}: {self.arch}.{suffix} should hold {n_layer} whole numbers (one per layer)"
+                )
+            return list(value)
+        return [self.uint(suffix)] * n_layer
 
 
 def _is_expert_tensor(name: str) -> bool:
@@ -452,8 +662,11 @@ def _is_expert_tensor(name: str) -> bool:
 
 
 def file_type_name(value: Any) -> str | None:
-    if not isinstance(value, int):
+    if type(value) is not int:
         return None
+    value &= ~FILE_TYPE_GUESSED
+    if value in REMOVED_FILE_TYPES:
+        return REMOVED_FILE_TYPES[value]
     try:
         name = LlamaFileType(value).name
     except ValueError:
@@ -467,30 +680,32 @@ def model_info(header: GGUFHeader) -> ModelInfo:
     arch = md.get("general.architecture")
     if not isinstance(arch, str) or not arch:
         raise GGUFError(f"{header.name}: no general.architecture; not a model file llama.cpp can load")
+    if arch == "clip":
+        raise GGUFError(
+            f"{header.name} is a multimodal projector (mmproj), not a model: it is loaded next to a model "
+            "of the same family to let it see images"
+        )
+    meta = _Meta(header, arch)
+    n_layer = meta.uint("block_count")
+    n_embd = meta.uint("embedding_length")
+    if n_layer <= 0 or n_embd <= 0:
+        raise GGUFError(
+            f"{header.name}: missing {arch}.block_count or "
+            f"{arch}.embedding_length; not a complete model"
+        )
+    if n_layer > MAX_LAYERS:
+        raise GGUFError(f"{header.name}: {arch}.block_count is {n_layer}; no real model has that many layers")
 
-    def key(suffix: str, default: Any = None) -> Any:
-        return md.get(f"{arch}.{suffix}", default)
-
-    n_layer = key("block_count")
-    n_embd = key("embedding_length")
-    if not isinstance(n_layer, int) or not isinstance(n_embd, int) or n_layer <= 0 or n_embd <= 0:
-        raise GGUFError(f"{header.name}: missing or invalid {arch}.block_count / {arch}.embedding_length")
-
-    n_head = _per_layer(key("attention.head_count"), n_layer, 0)
-    n_head_kv = _per_layer(key("attention.head_count_kv"), n_layer, 0)
-    if key("attention.head_count_kv") is None:
+    n_head = meta.per_layer("attention.head_count", n_layer, 0)
+    n_head_kv = meta.per_layer("attention.head_count_kv", n_layer, 0)
+    if meta.raw("attention.head_count_kv") is None:
         n_head_kv = list(n_head)
     first_heads = next((h for h in n_head if h), 1)
-    head_dim_k = int(key("attention.key_length", n_embd // first_heads))
-    head_dim_v = int(key("attention.value_length", n_embd // first_heads))
-    kv_lora_rank = int(key("attention.kv_lora_rank", 0) or 0)
-    rope_dim = int(key("rope.dimension_count", head_dim_k) or 0)
-    if kv_lora_rank:
-        # MLA: the cache holds the compressed latent plus the rope part, once per layer (K only).
-        head_dim_k = kv_lora_rank + rope_dim
-        head_dim_v = kv_lora_rank
+    head_dim_k = meta.uint("attention.key_length", n_embd // first_heads)
+    head_dim_v = meta.uint("attention.value_length", n_embd // first_heads)
+    kv_lora_rank, rope_dim = _mla_shape(meta)
 
-    vocab = header.array_lengths.get("tokenizer.ggml.tokens") or key("vocab_size") or 0
+    vocab = header.array_lengths.get("tokenizer.ggml.tokens") or meta.uint("vocab_size")
     tokens = md.get("tokenizer.ggml.tokens") or []
     output = next((t for t in header.tensors if t.name == "output.weight"), None)
     embd = next((t for t in header.tensors if t.name == "token_embd.weight"), None)
@@ -498,22 +713,25 @@ def model_info(header: GGUFHeader) -> ModelInfo:
         vocab = embd.shape[1]
 
     n_params = sum(t.n_elements for t in header.tensors)
-    n_expert = int(key("expert_count", 0) or 0)
-    n_expert_used = int(key("expert_used_count", 0) or 0)
+    n_expert = meta.uint("expert_count")
+    n_expert_used = meta.uint("expert_used_count")
     active = n_params
     if n_expert > 1 and n_expert_used:
         expert_params = sum(t.n_elements for t in header.tensors if _is_expert_tensor(t.name))
-        active = n_params - expert_params + expert_params * n_expert_used // n_expert
+        active = n_params - expert_params + expert_params * min(n_expert_used, n_expert) // n_expert
 
-    sliding_window = int(key("attention.sliding_window", 0) or 0)
-    swa_layers = _swa_layers(key("attention.sliding_window_pattern"), arch, n_layer, sliding_window)
-    recurrent_layers, n_embd_r, n_embd_s = _recurrent_shape(arch, key, n_layer, n_embd, n_head_kv)
+    sliding_window = meta.uint("attention.sliding_window")
+    swa_layers = _swa_layers(meta.raw("attention.sliding_window_pattern"), arch, n_layer, sliding_window)
+    recurrent_layers, n_embd_r, n_embd_s = _recurrent_shape(meta, n_layer, n_head_kv)
+    # llama.cpp keeps no KV cache for recurrent layers, whatever the scalar head count says.
+    n_head_kv = [0 if rec else h for h, rec in zip(n_head_kv, recurrent_layers, strict=True)]
 
     bos = md.get("tokenizer.ggml.bos_token_id")
     eos = md.get("tokenizer.ggml.eos_token_id")
+    template = md.get("tokenizer.chat_template")
     return ModelInfo(
         architecture=arch,
-        name=md.get("general.name"),
+        name=md.get("general.name") if isinstance(md.get("general.name"), str) else None,
         n_params=n_params,
         n_params_active=active,
         n_layer=n_layer,
@@ -522,28 +740,44 @@ def model_info(header: GGUFHeader) -> ModelInfo:
         n_head_kv=n_head_kv,
         head_dim_k=head_dim_k,
         head_dim_v=head_dim_v,
-        n_ff=_per_layer(key("feed_forward_length"), n_layer, 0),
+        n_ff=meta.per_layer("feed_forward_length", n_layer, 0),
         n_vocab=int(vocab),
-        n_ctx_train=int(key("context_length", 0) or 0),
+        n_ctx_train=meta.uint("context_length"),
         n_expert=n_expert,
         n_expert_used=n_expert_used,
         sliding_window=sliding_window,
         swa_layers=swa_layers,
         kv_lora_rank=kv_lora_rank,
-        rope_dim=rope_dim if kv_lora_rank else 0,
+        rope_dim=rope_dim,
         recurrent_layers=recurrent_layers,
         n_embd_r=n_embd_r,
         n_embd_s=n_embd_s,
         tied_output=output is None,
         file_type=file_type_name(md.get("general.file_type")),
-        chat_template=md.get("tokenizer.chat_template"),
-        bos_token_id=bos if isinstance(bos, int) else None,
-        eos_token_id=eos if isinstance(eos, int) else None,
-        bos_token=tokens[bos] if isinstance(bos, int) and 0 <= bos < len(tokens) else None,
-        eos_token=tokens[eos] if isinstance(eos, int) and 0 <= eos < len(tokens) else None,
+        chat_template=template if isinstance(template, str) else None,
+        bos_token_id=bos if type(bos) is int else None,
+        eos_token_id=eos if type(eos) is int else None,
+        bos_token=tokens[bos] if type(bos) is int and 0 <= bos < len(tokens) else None,
+        eos_token=tokens[eos] if type(eos) is int and 0 <= eos < len(tokens) else None,
         size_bytes=sum(t.nbytes for t in header.tensors),
         shard_count=header.shard_count,
+        n_ff_expert=meta.uint("expert_feed_forward_length"),
+        n_expert_shared=meta.uint("expert_shared_count"),
+        n_layer_dense_lead=meta.uint("leading_dense_block_count"),
     )
+
+
+def _mla_shape(meta: _Meta) -> tuple[int, int]:
+    """(kv_lora_rank, rope_dim) when the cache holds MLA's compressed latent, else (0, 0).
+
+    llama.cpp switches MLA on only for files converted with the split `attn_k_b`/`attn_v_b` tensors,
+    which carry `attention.key_length_mla`; their `key_length` is then kv_lora_rank + rope_dim and
+    `head_count_kv` is 1, so the ordinary per-layer K width is already right.
+    """
+    kv_lora_rank = meta.uint("attention.kv_lora_rank")
+    if not kv_lora_rank or not meta.uint("attention.key_length_mla"):
+        return 0, 0
+    return kv_lora_rank, meta.uint("rope.dimension_count")
 
 
 def _swa_layers(pattern: Any, arch: str, n_layer: int, window: int) -> list[bool]:
@@ -551,25 +785,25 @@ def _swa_layers(pattern: Any, arch: str, n_layer: int, window: int) -> list[bool
         return [False] * n_layer
     if isinstance(pattern, list):
         return [bool(p) for p in pattern][:n_layer] + [False] * max(0, n_layer - len(pattern))
-    n = int(pattern) if isinstance(pattern, int) and pattern > 0 else SWA_PATTERN_BY_ARCH.get(arch, 0)
+    n = pattern if type(pattern) is int and pattern > 0 else SWA_PATTERN_BY_ARCH.get(arch, 0)
     if not n:
-        return [True] * n_layer  # a window with no pattern: every layer slides (e.g. Mistral v0.1)
+        # A window llama.cpp does not apply (e.g. Mistral-7B-v0.1 runs as plain llama): every layer keeps
+        # the full context, which is also the safe assumption for a memory plan.
+        return [False] * n_layer
     return [il % n < n - 1 for il in range(n_layer)]
 
 
-def _recurrent_shape(
-    arch: str, key: Callable[..., Any], n_layer: int, n_embd: int, n_head_kv: list[int]
-) -> tuple[list[bool], int, int]:
+def _recurrent_shape(meta: _Meta, n_layer: int, n_head_kv: list[int]) -> tuple[list[bool], int, int]:
     """Which layers keep a recurrent state, and its size per sequence (llama-hparams.cpp n_embd_r/s)."""
-    wkv_head = int(key("wkv.head_size", 0) or 0)
-    d_conv = int(key("ssm.conv_kernel", 0) or 0)
-    d_inner = int(key("ssm.inner_size", 0) or 0)
-    d_state = int(key("ssm.state_size", 0) or 0)
-    n_group = int(key("ssm.group_count", 0) or 0)
-    l_cache = int(key("shortconv.l_cache", 0) or 0)
+    n_embd = meta.uint("embedding_length")
+    wkv_head = meta.uint("wkv.head_size")
+    d_conv = meta.uint("ssm.conv_kernel")
+    d_inner = meta.uint("ssm.inner_size")
+    d_state = meta.uint("ssm.state_size")
+    n_group = meta.uint("ssm.group_count")
+    l_cache = meta.uint("shortconv.l_cache")
     if wkv_head:
-        token_shift = int(key("token_shift_count", 2) or 2)
-        n_embd_r, n_embd_s = token_shift * n_embd, n_embd * wkv_head
+        n_embd_r, n_embd_s = meta.uint("token_shift_count", 2) * n_embd, n_embd * wkv_head
     elif l_cache:
         n_embd_r, n_embd_s = n_embd * (l_cache - 1), 0
     elif d_inner:
@@ -577,9 +811,13 @@ def _recurrent_shape(
         n_embd_s = d_state * d_inner
     else:
         return [False] * n_layer, 0, 0
-    if arch in RECURRENT_ARCHS:
+    if meta.arch in RECURRENT_ARCHS:
         return [True] * n_layer, n_embd_r, n_embd_s
-    # Hybrid models: the layers without attention heads are the recurrent ones.
+    interval = meta.uint("full_attention_interval")
+    if interval:
+        # Qwen3-Next style: every interval-th layer is full attention, the others recurrent.
+        return [(il + 1) % interval != 0 for il in range(n_layer)], n_embd_r, n_embd_s
+    # Other hybrids (Jamba, Nemotron-H, Granite-H, LFM2): the layers without KV heads are the recurrent ones.
     return [h == 0 for h in n_head_kv], n_embd_r, n_embd_s
 
 
