@@ -46,7 +46,55 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    raise BridgeError("`inspect` is not available in this build yet")
+    from .formats import identify  # imported here so other subcommands start without it
+
+    found = identify(args.path)  # a missing path raises NotFound: exit 2 with its message
+    if args.json:
+        _print_json([item.to_dict() for item in found])
+        return 0
+    if not found:
+        print(f"no model files in {args.path}")
+        return 0
+    print(_inspect_table(found))
+    return 0  # unrunnable files are an answer, not an error
+
+
+def _inspect_table(found: list[Any]) -> str:
+    """One row per model (GGUF details where known), its explanation indented beneath it."""
+    header = ("FILE", "KIND", "RUNS", "ARCH", "PARAMS", "LAYERS", "CTX", "QUANT", "SIZE")
+    rows = []
+    for item in found:
+        info = item.info
+        rows.append((
+            _short_path(item.path, item.files), item.kind, "yes" if item.runnable else "no",
+            info.architecture if info else "-",
+            f"{info.n_params / 1e9:.1f}B" if info else "-",
+            str(info.n_layer) if info else "-",
+            str(info.n_ctx_train) if info else "-",
+            item.quant or "-",
+            _human_size(item.size_bytes),
+        ))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(col.ljust(w) for col, w in zip(header, widths, strict=True)).rstrip()]
+    for item, row in zip(found, rows, strict=True):
+        lines.append("  ".join(col.ljust(w) for col, w in zip(row, widths, strict=True)).rstrip())
+        lines.append(f"    {item.explanation}")
+    return "\n".join(lines)
+
+
+def _short_path(path: str, files: list[str]) -> str:
+    from pathlib import Path
+
+    name = Path(path).name
+    return f"{name} (+{len(files) - 1} parts)" if len(files) > 1 else name
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 # --- fit ---------------------------------------------------------------------------------------------
@@ -54,11 +102,322 @@ def _run_inspect(args: argparse.Namespace) -> int:
 def _add_fit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fit", help="plan how a GGUF model runs on this machine (or a what-if machine)")
     p.add_argument("file", help="a local GGUF file")
+    p.add_argument("--ctx", type=int, help="context in tokens (default 8192, or the model's own if smaller)")
+    p.add_argument("--ubatch", type=int, default=512, help="physical batch size (default 512)")
+    p.add_argument("--kv-type", choices=["f16", "q8_0", "q4_0"],
+                   help="KV cache type (default: f16, or q8_0 when only that makes the model fit)")
+    p.add_argument("--kv-type-k", choices=["f16", "q8_0", "q4_0"], help="K cache type alone")
+    p.add_argument("--kv-type-v", choices=["f16", "q8_0", "q4_0"], help="V cache type alone")
+    p.add_argument("--flash-attn", choices=["on", "off", "auto"], default="auto", help="flash attention")
+    p.add_argument("--gpu-layers", type=_gpu_layers, default=None, metavar="N|auto",
+                   help="layers on the GPU, the output layer counting as one (default: the most that fit)")
+    moe = p.add_mutually_exclusive_group()
+    moe.add_argument("--cpu-moe", action="store_true", help="keep every MoE expert in RAM")
+    moe.add_argument("--n-cpu-moe", type=int, metavar="N", help="keep the first N layers' experts in RAM")
+    p.add_argument("--gpu-mib", type=int, action="append", metavar="M",
+                   help="what if a GPU had this much free MiB (repeat per GPU; 0: no GPU)")
+    p.add_argument("--ram-mib", type=int, metavar="M", help="what if this much RAM were available")
+    p.add_argument("--exact", action="store_true",
+                   help="measure with llama.cpp itself (a dry run that allocates nothing)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
+def _gpu_layers(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of layers or 'auto', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("the number of GPU layers cannot be negative")
+    return value
+
+
 def _run_fit(args: argparse.Namespace) -> int:
-    raise BridgeError("`fit` is not available in this build yet")
+    from .fit import FitParams, plan
+    from .gguf import read_file
+
+    header = read_file(args.file)
+    params = FitParams(
+        n_ctx=args.ctx, n_ubatch=args.ubatch, kv_type_k=args.kv_type_k or args.kv_type,
+        kv_type_v=args.kv_type_v or args.kv_type, flash_attn=args.flash_attn, gpu_layers=args.gpu_layers,
+        cpu_moe=args.cpu_moe, n_cpu_moe=args.n_cpu_moe or 0,
+    )
+    machine = _machine(args)
+    result = plan(header, machine, params)
+    if args.exact:
+        from .fit_exact import refine
+
+        result = refine(result, args.file)
+    if args.json:
+        _print_json(result.to_dict())
+        return 0
+    _print_fit(result.to_dict())
+    return 0
+
+
+def _print_fit(data: dict[str, Any]) -> None:
+    ngl = f"{data['gpu_layers']} of {data['n_layer'] + 1} layers on the GPU"
+    if data["n_cpu_moe"]:
+        ngl += f", experts of {data['n_cpu_moe']} layers in RAM"
+    fa = "on" if data["flash_attn"] else "off"
+    print(f"{data['model']}: {ngl} · {data['n_ctx']} tokens · KV {data['kv_type']} · flash attention {fa}")
+    print(f"\n{'MiB':8}{'weights':>10}{'KV':>10}{'compute':>10}{'overhead':>10}{'total':>10}{'free':>10}")
+    for d in data["devices"]:
+        free = d.get("free_mib", d.get("available_mib", ""))
+        cols = [d["weights_mib"], d["kv_mib"], d["compute_mib"], d["overhead_mib"], d["total_mib"], free]
+        print(f"{d['name']:8}" + "".join(f"{c:>10}" for c in cols))
+    host = data["devices"][-1]
+    print(f"\nRAM: needs {host['resident_mib'] / 1024:.2f} GB resident (repacked weights "
+          f"{host['repack_mib']:.0f} MiB); reads the {host['file_read_mib'] / 1024:.2f} GB file once "
+          "while loading")
+    full, most = data["max_ctx_full_gpu"] or "-", data["max_ctx"] or "-"
+    print(f"largest context fully on the GPU: {full} · largest that runs: {most} · figures: {data['mode']}")
+    for note in data["notes"]:
+        print(f"note: {note}")
+    print(f"\n{data['verdict']}: {data['reason']}")
+
+
+# --- install-extension -------------------------------------------------------------------------------
+
+def _add_install_extension(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("install-extension", help="install the SillyTavern extension into a SillyTavern folder")
+    p.add_argument("st_dir", metavar="ST_DIR", help="the SillyTavern folder (the one with server.js)")
+    p.add_argument("--user", default="default-user", help="SillyTavern user to install for (default-user)")
+    p.add_argument("--data-root", help="SillyTavern's data folder when it is not ST_DIR/data (e.g. Docker)")
+
+
+def _run_install_extension(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .extension_install import install_extension, next_steps
+
+    data_dir = Path(args.data_root).expanduser() if args.data_root else None
+    result = install_extension(Path(args.st_dir), user=args.user, data_dir=data_dir)
+    print(next_steps(result))
+    return 0
+
+
+# --- serve -------------------------------------------------------------------------------------------
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model to SillyTavern (KoboldCpp, llama.cpp and ooba APIs)")
+    p.add_argument("--model", help="a GGUF file, or a model id in the models dir (default: the last used)")
+    p.add_argument("--models-dir", help="folder of GGUF models (default: the platform's data dir)")
+    p.add_argument("--data-dir", help="where the bridge keeps its state and, by default, its models")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1; beyond loopback needs --api-key)")
+    p.add_argument("--port", type=int, help="port (default 5001, KoboldCpp's)")
+    p.add_argument("--ctx", type=int, help="context length (default: chosen by the planner)")
+    p.add_argument("--gpu-layers", type=int, help="layers on the GPU (default: chosen by the planner)")
+    p.add_argument("--kv-type", choices=["f16", "q8_0", "q4_0"], help="KV cache type")
+    p.add_argument("--flash-attn", action=argparse.BooleanOptionalAction, help="flash attention on or off")
+    p.add_argument("--api-key", help="require `Authorization: Bearer <key>` (ST's API key field)")
+    p.add_argument("--allowed-origin", action="append", dest="allowed_origins",
+                   help="browser origin allowed to call the bridge (repeat; default ST's on port 8000)")
+    p.add_argument("--max-queue", type=int, help="generations that may wait before 503 (default 16)")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from .api.app import serve
+    from .config import load_settings
+
+    names = ("model", "models_dir", "data_dir", "host", "port", "ctx", "gpu_layers", "kv_type", "flash_attn",
+             "api_key", "allowed_origins", "max_queue")
+    flags = {name: getattr(args, name) for name in names}
+    serve(load_settings(**flags))
+    return 0
+
+
+# --- recommend ---------------------------------------------------------------------------------------
+
+def _add_recommend(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recommend", help="the biggest, least-quantized catalog model that fits this machine")
+    p.add_argument("--ctx", type=int, default=8192, help="context the model must hold (default 8192)")
+    p.add_argument("--gpu-mib", type=int, action="append",
+                   help="what if a GPU had this much free MiB (repeat per GPU; 0: no GPU)")
+    p.add_argument("--ram-mib", type=int, help="what if this much RAM were available")
+    p.add_argument("--limit", type=int, default=8, help="how many models to list (default 8)")
+    p.add_argument("--data-dir", help="where the refreshed catalog is cached")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _machine(args: argparse.Namespace) -> Any:
+    from .hardware import probe, what_if
+
+    report = probe()
+    if args.gpu_mib is not None or args.ram_mib is not None:
+        report = what_if(report, args.gpu_mib, args.ram_mib)
+    return report
+
+
+def _catalog(args: argparse.Namespace) -> Any:
+    from pathlib import Path
+
+    from . import catalog
+    from .config import load_settings
+
+    data_dir = Path(args.data_dir) if getattr(args, "data_dir", None) else load_settings().data_dir
+    return catalog.load(data_dir)
+
+
+def _run_recommend(args: argparse.Namespace) -> int:
+    from .recommend import recommend
+
+    rec = recommend(_catalog(args), _machine(args), n_ctx=args.ctx, limit=args.limit)
+    if args.json:
+        _print_json(rec.to_dict())
+        return 0
+    badge = {"full_gpu": "[GPU]    ", "partial_gpu": "[GPU+CPU]", "cpu_only": "[CPU]    "}
+    for c in rec.candidates:
+        size = f"{c.size_mib / 1024:5.1f} GiB"
+        print(f"{badge.get(c.verdict, c.verdict):10} {c.repo:48} {c.quant:8} {size} "
+              f"~{c.expected_tok_s:4.0f} tok/s  ctx {c.n_ctx}")
+    if rec.best:
+        print(f"\n{rec.best.reason}\nst-bridge pull {rec.best.repo} --file {rec.best.file}")
+    else:
+        print("nothing in the catalog fits; try a smaller --ctx")
+    return 0
+
+
+# --- pull --------------------------------------------------------------------------------------------
+
+def _add_pull(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pull", help="download a GGUF model from Hugging Face into the models dir")
+    p.add_argument("repo", help="a Hugging Face repository, e.g. brittlewis12/Kunoichi-DPO-v2-7B-GGUF")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--quant", help="the quant to fetch, e.g. Q5_K_M (default: the best that fits)")
+    which.add_argument("--file", help="the file to fetch (its sibling shards come along)")
+    p.add_argument("--ctx", type=int, default=8192, help="context used to choose the quant (default 8192)")
+    p.add_argument("--models-dir", help="where models go (default: the platform's data dir)")
+    p.add_argument("--load", action="store_true", help="load it into a running bridge when done")
+
+
+def _run_pull(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .config import load_settings
+    from .downloads import DownloadManager
+    from .recommend import quants
+
+    settings = load_settings(models_dir=args.models_dir)
+    quant, file = args.quant, args.file
+    if not quant and not file:
+        options = quants(_catalog(args), args.repo, _machine_plain(), n_ctx=args.ctx)
+        fitting = [c for c in options if not c.left_out]
+        if not fitting:
+            raise BridgeError(f"no quant of {args.repo} fits this machine at {args.ctx} tokens; "
+                              "name one with --quant")
+        file = max(fitting, key=lambda c: c.quality).file
+    bar = _ProgressLine()
+    dl = DownloadManager(Path(settings.models_path), on_event=bar).pull(args.repo, quant=quant, file=file)
+    print(f"\n{dl.path}")
+    if args.load:
+        _load_into_running_bridge(settings, dl.path)
+    return 0
+
+
+def _machine_plain() -> Any:
+    from .hardware import probe
+
+    return probe()
+
+
+class _ProgressLine:
+    """One self-rewriting line: bytes, rate and time left."""
+
+    def __call__(self, name: str, data: dict[str, Any]) -> None:
+        total, done = data["bytes_total"] or 1, data["bytes_done"]
+        eta = f"{data['eta_s']:.0f}s left" if data.get("eta_s") is not None else ""
+        state = data["state"] if data["state"] != "running" else f"{done / total:6.1%}"
+        rate = data["rate_bps"] / 1e6
+        sys.stderr.write(f"\r{state} {done / 1e9:6.2f}/{total / 1e9:.2f} GB {rate:7.1f} MB/s {eta:12}")
+        sys.stderr.flush()
+
+
+def _load_into_running_bridge(settings: Any, path: Any) -> None:
+    import urllib.request
+
+    from .library import model_id
+
+    body = json.dumps({"model": model_id(path, settings.models_path)}).encode()
+    headers = {"Content-Type": "application/json", "Origin": settings.allowed_origins[0]}
+    url = f"http://127.0.0.1:{settings.port}/bridge/v1/load"
+    req = urllib.request.Request(url, data=body, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=600) as resp:
+            print(f"loaded: {resp.read().decode()[:200]}")
+    except OSError as exc:
+        raise BridgeError(f"downloaded, but no bridge answered on port {settings.port} to load it ({exc}); "
+                          f"start it with `st-bridge serve --model {path}`") from exc
+
+
+# --- catalog -----------------------------------------------------------------------------------------
+
+def _add_catalog(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("catalog", help="list the model catalog, or refresh it from Hugging Face")
+    p.add_argument("action", nargs="?", choices=["list", "refresh"], default="list")
+    p.add_argument("--repo", action="append", help="refresh only this repository (repeat)")
+    p.add_argument("--author", action="append",
+                   help="also add GGUF repositories of this uploader (repeat)")
+    p.add_argument("--no-headers", action="store_true", help="refresh sizes and sha256 only")
+    p.add_argument("--data-dir", help="where the refreshed catalog is cached")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _run_catalog(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import catalog
+    from .config import load_settings
+    from .hub import HubClient
+
+    cat = _catalog(args)
+    if args.action == "refresh":
+        data_dir = Path(args.data_dir) if args.data_dir else load_settings().data_dir
+        cat = catalog.refresh(cat, HubClient(), read_headers=not args.no_headers, repos=args.repo,
+                              authors=args.author, log=lambda m: print(m, file=sys.stderr))
+        print(f"saved {catalog.save_cache(cat, data_dir)}", file=sys.stderr)
+    if args.json:
+        _print_json(cat.to_dict())
+        return 0
+    for m in cat.models:
+        est = " (estimated)" if m.params_estimated else ""
+        print(f"{m.repo:48} {m.params_b:g}B{est}  {', '.join(f.quant for f in m.files)}")
+    print(f"\n{len(cat.models)} models, catalog: {cat.origin}")
+    return 0
+
+
+# --- models ------------------------------------------------------------------------------------------
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the downloaded models, or delete one")
+    p.add_argument("--delete", metavar="ID", help="delete this model (all its shards)")
+    p.add_argument("--models-dir", help="where models are (default: the platform's data dir)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import library
+    from .config import load_settings
+    from .downloads import DownloadManager
+
+    root = Path(load_settings(models_dir=args.models_dir).models_path)
+    if args.delete:
+        found = library.resolve(root, args.delete)
+        for p in DownloadManager(root).delete(found.path):
+            print(f"deleted {p}")
+        return 0
+    models = library.scan(root)
+    if args.json:
+        _print_json([{"id": m.id, "path": str(m.path), "size_bytes": m.size_bytes} for m in models])
+        return 0
+    for m in models:
+        print(f"{m.id:70} {m.size_bytes / 2**30:6.2f} GiB")
+    print(f"\n{len(models)} models in {root}")
+    return 0
 
 
 # --- main --------------------------------------------------------------------------------------------
@@ -66,9 +425,15 @@ def _run_fit(args: argparse.Namespace) -> int:
 Adder = Callable[[argparse._SubParsersAction], None]
 Runner = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[Adder, Runner]] = {
+    "serve": (_add_serve, _run_serve),
     "hardware": (_add_hardware, _run_hardware),
     "inspect": (_add_inspect, _run_inspect),
     "fit": (_add_fit, _run_fit),
+    "install-extension": (_add_install_extension, _run_install_extension),
+    "recommend": (_add_recommend, _run_recommend),
+    "pull": (_add_pull, _run_pull),
+    "catalog": (_add_catalog, _run_catalog),
+    "models": (_add_models, _run_models),
 }
 
 
