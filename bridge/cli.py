@@ -236,7 +236,8 @@ def _add_recommend(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ctx", type=int, default=8192, help="context the model must hold (default 8192)")
     p.add_argument("--gpu-mib", type=int, action="append",
                    help="what if a GPU had this much free MiB (repeat per GPU; 0: no GPU)")
-    p.add_argument("--ram-mib", type=int, help="what if this much RAM were available")
+    p.add_argument("--ram-mib", type=int,
+                   help="what if the machine had this much RAM (MiB; a desktop reserve is kept out of it)")
     p.add_argument("--limit", type=int, default=8, help="how many models to list (default 8)")
     p.add_argument("--data-dir", help="where the refreshed catalog is cached")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -262,21 +263,24 @@ def _catalog(args: argparse.Namespace) -> Any:
 
 
 def _run_recommend(args: argparse.Namespace) -> int:
-    from .recommend import recommend
+    from .hardware import probe
+    from .recommend import recommend, what_if_machine
 
-    rec = recommend(_catalog(args), _machine(args), n_ctx=args.ctx, limit=args.limit)
+    machine = probe()
+    if args.gpu_mib is not None or args.ram_mib is not None:
+        machine = what_if_machine(machine, args.gpu_mib, args.ram_mib)
+    rec = recommend(_catalog(args), machine, n_ctx=args.ctx, limit=args.limit)
     if args.json:
         _print_json(rec.to_dict())
         return 0
-    badge = {"full_gpu": "[GPU]    ", "partial_gpu": "[GPU+CPU]", "cpu_only": "[CPU]    "}
     for c in rec.candidates:
         size = f"{c.size_mib / 1024:5.1f} GiB"
-        print(f"{badge.get(c.verdict, c.verdict):10} {c.repo:48} {c.quant:8} {size} "
-              f"~{c.expected_tok_s:4.0f} tok/s  ctx {c.n_ctx}")
+        print(f"[{c.badge:^7}] {c.repo:48} {c.quant:8} {size} ~{c.expected_tok_s:4.0f} tok/s  ctx {c.n_ctx}")
     if rec.best:
         print(f"\n{rec.best.reason}\nst-bridge pull {rec.best.repo} --file {rec.best.file}")
     else:
-        print("nothing in the catalog fits; try a smaller --ctx")
+        print("nothing in the catalog runs well here; try a smaller --ctx")
+    print(f"({len(rec.left_out)} files left out; --json lists each with its reason)")
     return 0
 
 
@@ -298,17 +302,16 @@ def _run_pull(args: argparse.Namespace) -> int:
 
     from .config import load_settings
     from .downloads import DownloadManager
-    from .recommend import quants
+    from .recommend import best_quant, quants
 
     settings = load_settings(models_dir=args.models_dir)
     quant, file = args.quant, args.file
     if not quant and not file:
-        options = quants(_catalog(args), args.repo, _machine_plain(), n_ctx=args.ctx)
-        fitting = [c for c in options if not c.left_out]
-        if not fitting:
-            raise BridgeError(f"no quant of {args.repo} fits this machine at {args.ctx} tokens; "
+        best = best_quant(quants(_catalog(args), args.repo, _machine_plain(), n_ctx=args.ctx))
+        if best is None:
+            raise BridgeError(f"no quant of {args.repo} runs well on this machine at {args.ctx} tokens; "
                               "name one with --quant")
-        file = max(fitting, key=lambda c: c.quality).file
+        file = best.file
     bar = _ProgressLine()
     dl = DownloadManager(Path(settings.models_path), on_event=bar).pull(args.repo, quant=quant, file=file)
     print(f"\n{dl.path}")

@@ -15,6 +15,7 @@ Deep code raises these; the HTTP layer maps them to a status code in one middlew
     │   └── GGUFError                422: a GGUF header that is truncated, corrupt or hostile
     ├── NotEnoughMemory              507: the model does not fit
     ├── NotEnoughDisk                507: the download does not fit on the disk
+    ├── HubUnavailable               503: the Hugging Face Hub cannot be reached or answered an error
     └── EngineError                  502: the llama.cpp worker failed (crash, OOM, load error)
 """
 
@@ -96,3 +97,8 @@ class NotEnoughDisk(BridgeError):
 class EngineError(BridgeError):
     status = 502
     code = "engine_error"
+
+
+class HubUnavailable(BridgeError):
+    status = 503
+    code = "hub_unavailable"

@@ -1,0 +1,111 @@
+"""The app factory: `create_app(settings)` builds the aiohttp application with every dialect's routes.
+
+Nothing lives in module globals: the settings, the engine, the event bus and the model manager are
+reached through the typed keys in `bridge.api`. The engine's lifetime is a cleanup context: the model
+named in the settings (or the last one used) starts loading in the background when the app starts, so
+the server answers ST's status checks at once, and the worker is stopped when the app stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from aiohttp import web
+
+from ..config import Settings
+from ..events import EventBus
+from . import (
+    BUS_KEY,
+    ENGINE_KEY,
+    MANAGER_KEY,
+    SETTINGS_KEY,
+    EngineLike,
+    catalog_routes,
+    kobold,
+    llamacpp,
+    manage,
+    openai,
+)
+from .middleware import middlewares
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BUS_KEY", "ENGINE_KEY", "MANAGER_KEY", "SETTINGS_KEY", "create_app"]
+
+START_TASK_KEY = web.AppKey("start_task", asyncio.Task)
+
+
+def create_app(settings: Settings, engine: EngineLike | None = None) -> web.Application:
+    """The bridge's application. `engine` replaces the real llama.cpp worker (tests of translation only)."""
+    app = web.Application(middlewares=middlewares(), client_max_size=settings.max_body_bytes)
+    app[SETTINGS_KEY] = settings
+    bus = EventBus(snapshot=lambda: manage.snapshot(app))
+    app[BUS_KEY] = bus
+    app[ENGINE_KEY] = engine or _real_engine(
+        settings, _on_loop(lambda n, d: app[MANAGER_KEY].on_engine_event(n, d))
+    )
+    app[MANAGER_KEY] = manage.ModelManager(settings, app[ENGINE_KEY], bus)
+    app[manage.STREAMS_KEY] = weakref.WeakSet()
+    for module in (openai, kobold, llamacpp, manage):
+        app.add_routes(module.routes)
+    catalog_routes.add_routes(app)
+    app.cleanup_ctx.append(_engine_lifetime)
+    app.on_shutdown.append(manage.close_event_streams)
+    return app
+
+
+def _real_engine(settings: Settings, on_event: Callable[[str, dict], None]) -> EngineLike:
+    from ..engine.client import Engine  # the engine pulls in multiprocessing machinery: only when serving
+
+    return Engine(max_queue=settings.max_queue, on_event=on_event)
+
+
+def _on_loop(handle: Callable[[str, dict], None]) -> Callable[[str, dict], None]:
+    """Engine events handled on the event loop's thread, whichever thread the engine calls from."""
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def forward(name: str, data: dict[str, Any]) -> None:
+        nonlocal loop
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            if loop is not None:
+                loop.call_soon_threadsafe(handle, name, data)
+            return
+        handle(name, data)
+
+    return forward
+
+
+async def _engine_lifetime(app: web.Application) -> AsyncIterator[None]:
+    app[START_TASK_KEY] = asyncio.create_task(app[MANAGER_KEY].load_at_start())
+    yield
+    start = app[START_TASK_KEY]
+    if not start.done():
+        start.cancel()
+        await asyncio.gather(start, return_exceptions=True)
+    await app[ENGINE_KEY].close()
+
+
+def serve(settings: Settings) -> None:
+    """Run the bridge until interrupted (the `st-bridge serve` command)."""
+    from ..config import check_exposure
+
+    check_exposure(settings)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    url = f"http://{settings.host}:{settings.port}"
+    log.info("listening on %s (models in %s)", url, settings.models_path)
+    log.info("in SillyTavern: API Connections → Text Completion → KoboldCpp (or llama.cpp), URL %s", url)
+    # handler_cancellation: a client that hangs up cancels its handler, which stops its generation.
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        handler_cancellation=True,
+        print=None,
+        access_log=None,
+    )

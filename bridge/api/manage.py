@@ -1,0 +1,360 @@
+"""The management API (`/bridge/v1/*`) and the `ModelManager` behind it: which model is loaded, with
+which plan, loading and unloading it, and the events the ST extension watches."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import weakref
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from .. import library
+from ..config import Settings, last_model, remember_model
+from ..engine.types import LoadSpec
+from ..errors import BadRequest, BridgeError, EngineError, NotEnoughMemory
+from ..events import Event, EventBus
+from ..gguf import GGUFHeader, ModelInfo, model_info, read_file
+from . import BUS_KEY, MANAGER_KEY, SETTINGS_KEY, EngineLike
+from .schemas import LoadBody
+from .streaming import sse_open, sse_send
+from .translate import parse
+
+log = logging.getLogger(__name__)
+
+routes = web.RouteTableDef()
+PING_S = 15.0  # SSE keep-alive, well under the idle timeouts of browsers and proxies
+FALLBACK_CTX = 4096  # context when no planner is available and the model was trained for more
+STREAMS_KEY = web.AppKey("event_streams", weakref.WeakSet)
+
+
+class ModelManager:
+    """Loads and unloads models on the engine, one at a time, and remembers the last one used."""
+
+    def __init__(self, settings: Settings, engine: EngineLike, bus: EventBus) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.bus = bus
+        self.info: ModelInfo | None = None
+        self.plan: dict[str, Any] | None = None
+        self._lock = asyncio.Lock()
+
+    # --- what is loaded ---
+
+    def model_name(self) -> str:
+        status = self.engine.status()
+        return status.model_id or "" if status.state in ("ready", "loading") else ""
+
+    def hint(self) -> str | None:
+        """How to get a model, when none is loaded."""
+        if self.engine.status().state in ("ready", "loading"):
+            return None
+        ids = [m.id for m in library.scan(self.settings.models_path)]
+        where = f"put a GGUF file in {self.settings.models_path}"
+        if ids:
+            return (
+                f'no model is loaded: POST /bridge/v1/load {{"model": "{ids[0]}"}} or restart with '
+                f"`st-bridge serve --model {ids[0]}` (models here: {', '.join(ids[:5])})"
+            )
+        return f"no model is loaded: {where}, then `st-bridge serve --model <file name>`"
+
+    def status_dict(self) -> dict[str, Any]:
+        status = self.engine.status()
+        data = dataclasses.asdict(status)
+        data.pop("chat_template", None)
+        return data | {
+            "model": self.model_name() or None,
+            "plan": self.plan,
+            "hint": self.hint(),
+            "models_dir": str(self.settings.models_path),
+        }
+
+    # --- loading ---
+
+    async def load(self, model: str, *, trusted: bool = False, **overrides: Any) -> dict[str, Any]:
+        """Load `model` (an id in the models dir; a file path only when `trusted`, i.e. from the CLI)."""
+        path, model_id = self._locate(model, trusted)
+        try:  # a bad header or a model that cannot fit fails here, before the engine is touched
+            header = await asyncio.to_thread(read_file, path)
+            plan = await asyncio.to_thread(plan_for, header, self.settings, overrides)
+        except BridgeError as exc:
+            self.bus.publish("error", {"model_id": model_id, "message": exc.message})
+            raise
+        spec = LoadSpec(
+            model_path=str(path),
+            model_id=model_id,
+            n_ctx=plan["n_ctx"],
+            n_gpu_layers=plan["n_gpu_layers"],
+            kv_type=plan["kv_type"],
+            flash_attn=plan["flash_attn"],
+        )
+        # A client that gives up waiting must not cancel a load half-way: it runs as its own task.
+        task = asyncio.ensure_future(self._load(spec, plan, model_info(header)))
+        return await asyncio.shield(task)
+
+    def _locate(self, model: str, trusted: bool) -> tuple[Path, str]:
+        if trusted and Path(model).expanduser().is_file():
+            path = Path(model).expanduser().resolve()
+            root = self.settings.models_path.resolve()
+            inside = path.is_relative_to(root)
+            return path, library.model_id(path, root) if inside else path.stem
+        found = library.resolve(self.settings.models_path, model)
+        return found.path, found.id
+
+    async def _load(self, spec: LoadSpec, plan: dict[str, Any], info: ModelInfo) -> dict[str, Any]:
+        async with self._lock:
+            self.bus.publish("load_started", {"model_id": spec.model_id, "plan": plan})
+            try:
+                status = await self.engine.load(spec)  # the engine announces progress and failures itself
+            except BridgeError:
+                self.bus.publish("status", self.status_dict())
+                raise
+            self.info = info
+            remember_model(self.settings, spec.model_path)
+            self.plan = plan | {
+                "n_ctx": status.n_ctx,
+                "n_gpu_layers": status.n_gpu_layers,
+                "kv_type": status.kv_type,
+                "flash_attn": status.flash_attn,
+            }
+            self.bus.publish("model_loaded", {"model_id": spec.model_id, "plan": self.plan})
+            self.bus.publish("status", self.status_dict())
+            return {"model": spec.model_id, "plan": self.plan, "status": self.status_dict()}
+
+    async def unload(self) -> None:
+        async with self._lock:
+            await self.engine.unload()
+            self.info, self.plan = None, None
+            self.bus.publish("model_unloaded", {})
+            self.bus.publish("status", self.status_dict())
+
+    async def load_at_start(self) -> None:
+        """Load `--model`, else the model used last time; with neither, say how to get one."""
+        model = self.settings.model or last_model(self.settings)
+        if model is None:
+            log.warning("%s", self.hint() or "no model is loaded")
+            return
+        try:
+            await self.load(model, trusted=True)
+            log.info("model %s is ready", self.model_name())
+        except BridgeError as exc:
+            log.error("could not load %s: %s", model, exc.message)
+
+    def on_engine_event(self, name: str, data: dict[str, Any]) -> None:
+        """The engine's events, under the names the management API documents, with a fresh status
+        whenever the engine's state changes (a crash and restart included)."""
+        if name == "loading":
+            self.bus.publish("load_progress", data)
+            return
+        if name == "error":
+            self.bus.publish("error", data)
+        if name in ("ready", "error", "unloaded"):
+            self.bus.publish("status", self.status_dict())
+
+    # --- chat ---
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> tuple[str, list[str]]:
+        """(prompt, extra stop strings) from the model's chat template (ChatML when it has none).
+
+        The BOS text the template writes is cut off: the engine adds the real BOS token instead."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # jinja2 and llama_cpp: load lazily
+
+        info = self.info
+        template = self.engine.status().chat_template or CHATML
+        bos = (info.bos_token if info else None) or ""
+        eos = (info.eos_token if info else None) or ""
+        try:
+            rendered = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)(messages=messages)
+        except Exception as exc:  # a template error is the model's, report it instead of a 500
+            raise EngineError(f"the model's chat template failed: {exc}") from exc
+        stops = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop] if rendered.stop else []
+        starts_with_bos = bool(bos) and rendered.prompt.startswith(bos)
+        prompt = rendered.prompt[len(bos) :] if starts_with_bos else rendered.prompt
+        return prompt, [s for s in stops if s]
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+# --- planning ----------------------------------------------------------------------------------------
+
+FLASH_MODES = {True: "on", False: "off", None: "auto"}
+
+
+def plan_for(header: GGUFHeader, settings: Settings, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Settings for a load: the request's, then the config's, then the fit planner's for the rest."""
+    info = model_info(header)
+    chosen = {
+        "n_ctx": overrides.get("ctx") or settings.ctx,
+        "n_gpu_layers": _gpu_layers(overrides.get("gpu_layers"), settings.gpu_layers),
+        "kv_type": overrides.get("kv_type") or settings.kv_type,
+        "flash_attn": _first(overrides.get("flash_attn"), settings.flash_attn),
+    }
+    planned = _planner(header, info, chosen)
+    plan = {key: _first(value, planned.get(key)) for key, value in chosen.items()}
+    if plan["n_ctx"] is None:  # no planner: a context that any machine running this model can hold
+        plan["n_ctx"] = min(info.n_ctx_train or FALLBACK_CTX, FALLBACK_CTX)
+    return plan | {k: v for k, v in planned.items() if k not in plan}
+
+
+def _gpu_layers(requested: Any, configured: int | None) -> int | None:
+    if requested == "auto" or requested is None:
+        return configured
+    try:
+        return int(requested)
+    except ValueError as exc:
+        raise BadRequest(f'gpu_layers must be a number or "auto", not {requested!r}') from exc
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _planner(header: GGUFHeader, info: ModelInfo, chosen: dict[str, Any]) -> dict[str, Any]:
+    """The fit planner's choices for what was not chosen; {} when the planner cannot say."""
+    from .. import fit
+    from ..hardware import probe
+
+    layers = chosen["n_gpu_layers"]
+    params = fit.FitParams(
+        n_ctx=chosen["n_ctx"],
+        kv_type_k=chosen["kv_type"],
+        kv_type_v=chosen["kv_type"],
+        flash_attn=FLASH_MODES[chosen["flash_attn"]],
+        gpu_layers=info.n_layer + 1 if layers == -1 else layers,
+    )
+    try:
+        result = fit.plan(header, probe(), params).to_dict()
+    except BridgeError:
+        raise  # settings the planner refuses (e.g. a q8_0 V cache without flash attention)
+    except Exception:
+        log.exception("the fit planner failed; loading with llama.cpp's defaults")
+        return {}
+    if result["verdict"] == "wont_fit":
+        raise NotEnoughMemory(f"{info.name or 'this model'} does not fit: {result['reason']}")
+    kv_type = result["kv_type_k"] if result["kv_type_k"] == result["kv_type_v"] else None
+    return {
+        "n_ctx": result["n_ctx"],
+        "n_gpu_layers": result["gpu_layers"],
+        "kv_type": kv_type,
+        "flash_attn": result["flash_attn"],
+        "verdict": result["verdict"],
+        "reason": result["reason"],
+    }
+
+
+def verdict_for(header: GGUFHeader, settings: Settings, report: Any) -> dict[str, Any] | None:
+    """The planner's verdict for a model at the configured context, for the models list."""
+    from .. import fit
+
+    try:
+        result = fit.plan(header, report, fit.FitParams(n_ctx=settings.ctx)).to_dict()
+    except Exception as exc:
+        log.warning("the fit planner could not judge %s: %s", model_info(header).name, exc)
+        return None
+    keys = ("verdict", "reason", "n_ctx", "gpu_layers", "kv_type", "max_ctx", "max_ctx_full_gpu")
+    return {key: result[key] for key in keys}
+
+
+# --- routes ------------------------------------------------------------------------------------------
+
+
+@routes.get("/bridge/v1/status")
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(request.app[MANAGER_KEY].status_dict())
+
+
+@routes.get("/bridge/v1/hardware")
+async def hardware(request: web.Request) -> web.Response:
+    from ..hardware import probe  # imports llama_cpp and NVML: only when asked
+
+    report = await asyncio.to_thread(probe)
+    return web.json_response(dataclasses.asdict(report))
+
+
+@routes.get("/bridge/v1/models")
+async def models(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS_KEY]
+    loaded = request.app[MANAGER_KEY].model_name()
+    found = await asyncio.to_thread(_describe_all, settings, loaded)
+    return web.json_response({"models_dir": str(settings.models_path), "models": found})
+
+
+def _describe_all(settings: Settings, loaded: str) -> list[dict[str, Any]]:
+    from ..hardware import probe
+
+    report = probe()
+    described = []
+    for model in library.scan(settings.models_path):
+        entry: dict[str, Any] = {
+            "id": model.id,
+            "file": model.path.name,
+            "size_bytes": model.size_bytes,
+            "loaded": model.id == loaded,
+        }
+        try:
+            header = read_file(model.path)
+            info = model_info(header)
+        except BridgeError as exc:
+            described.append(entry | {"error": exc.message})
+            continue
+        entry |= {
+            "architecture": info.architecture,
+            "n_params": info.n_params,
+            "quant": info.file_type,
+            "n_ctx_train": info.n_ctx_train,
+            "description": info.describe(),
+        }
+        described.append(entry | {"fit": verdict_for(header, settings, report)})
+    return described
+
+
+@routes.post("/bridge/v1/load")
+async def load(request: web.Request) -> web.Response:
+    body = parse(LoadBody, await request.json())
+    library.check_id(body.model)
+    result = await request.app[MANAGER_KEY].load(
+        body.model, ctx=body.ctx, gpu_layers=body.gpu_layers, kv_type=body.kv_type, flash_attn=body.flash_attn
+    )
+    return web.json_response(result)
+
+
+@routes.post("/bridge/v1/unload")
+async def unload(request: web.Request) -> web.Response:
+    await request.app[MANAGER_KEY].unload()
+    return web.json_response(request.app[MANAGER_KEY].status_dict())
+
+
+@routes.get("/bridge/v1/events")
+async def events(request: web.Request) -> web.StreamResponse:
+    response = await sse_open(request)
+    request.app[STREAMS_KEY].add(asyncio.current_task())
+    subscription = request.app[BUS_KEY].subscribe()
+    try:
+        while True:
+            event = await subscription.next(timeout=PING_S)
+            if event is None:
+                await response.write(b": ping\n\n")
+            else:
+                await sse_send(response, event.data, event=event.name)
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        subscription.close()
+    return response
+
+
+async def close_event_streams(app: web.Application) -> None:
+    """on_shutdown: end open SSE streams, which would otherwise hold the shutdown for their timeout."""
+    for task in list(app[STREAMS_KEY]):
+        task.cancel()
+
+
+def snapshot(app: web.Application) -> Event:
+    return Event("status", app[MANAGER_KEY].status_dict())

@@ -1,0 +1,160 @@
+"""Settings of the bridge server: one pydantic model fed by defaults, a config file, the environment
+and flags.
+
+Precedence, highest first: command-line flags, `ST_BRIDGE_*` environment variables, the config file
+(`config.toml` or `config.json` in the platform's config dir, or the file named by `ST_BRIDGE_CONFIG`),
+then the defaults below. Directories default to the platform's data dir (platformdirs), so models live
+in e.g. `~/.local/share/st-bridge/models` on Linux.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    JsonConfigSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from .errors import BadRequest
+
+APP_NAME = "st-bridge"
+ENV_PREFIX = "ST_BRIDGE_"
+ST_ORIGINS = ["http://127.0.0.1:8000", "http://localhost:8000"]
+KvType = Literal["f16", "q8_0", "q4_0"]
+
+
+def config_dir() -> Path:
+    return Path(platformdirs.user_config_dir(APP_NAME))
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir(APP_NAME))
+
+
+def config_file() -> Path | None:
+    """The config file in use: `ST_BRIDGE_CONFIG`, else config.toml / config.json in the config dir."""
+    named = os.environ.get(f"{ENV_PREFIX}CONFIG")
+    if named:
+        return Path(named)
+    for name in ("config.toml", "config.json"):
+        candidate = config_dir() / name
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+class Settings(BaseSettings):
+    """Everything `st-bridge serve` can be told. Each field is also a flag, an env var and a config key."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
+
+    host: str = Field("127.0.0.1", description="address to listen on; beyond loopback needs an API key")
+    port: int = Field(5001, ge=1, le=65535, description="port (KoboldCpp's, so ST's default URL works)")
+    data_dir: Path = Field(default_factory=default_data_dir, description="where state and models live")
+    models_dir: Path | None = Field(None, description="folder of GGUF models (default: <data_dir>/models)")
+    model: str | None = Field(None, description="model to load at start: a file, or a model id in models_dir")
+    ctx: int | None = Field(None, ge=256, description="context length (default: chosen by the planner)")
+    gpu_layers: int | None = Field(
+        None, ge=-1, description="layers on the GPU (default: chosen by the planner)"
+    )
+    kv_type: KvType | None = Field(None, description="KV cache type (default: chosen by the planner)")
+    flash_attn: bool | None = Field(None, description="flash attention (default: chosen by the planner)")
+    api_key: str | None = Field(None, description="require `Authorization: Bearer <key>` on every call")
+    allowed_origins: list[str] = Field(
+        default_factory=lambda: list(ST_ORIGINS),
+        description="browser origins allowed to call the bridge (ST's)",
+    )
+    max_body_mb: float = Field(8.0, gt=0, description="largest request body accepted, in MB")
+    max_queue: int = Field(16, ge=0, description="generations that may wait; more get 503 + Retry-After")
+
+    @field_validator("api_key")
+    @classmethod
+    def _empty_key_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+    @property
+    def models_path(self) -> Path:
+        return self.models_dir or self.data_dir / "models"
+
+    @property
+    def state_file(self) -> Path:
+        return self.data_dir / "state.json"
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = config_file()
+        if path is not None and path.suffix == ".toml":
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        elif path is not None:
+            sources.append(JsonConfigSettingsSource(settings_cls, json_file=path))
+        return tuple(sources)
+
+
+def load_settings(**flags: Any) -> Settings:
+    """Settings with the given flags on top; flags that are None were not given and do not override."""
+    try:
+        return Settings(**{name: value for name, value in flags.items() if value is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise BadRequest(f"invalid settings: {problems}") from exc
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(settings: Settings) -> None:
+    """Refuse to listen beyond loopback without an API key (anyone on the network could use the model)."""
+    if is_loopback(settings.host) or settings.api_key:
+        return
+    raise BadRequest(
+        f"refusing to listen on {settings.host} without an API key: anyone on the network could use it. "
+        f"Set --api-key (or {ENV_PREFIX}API_KEY), or listen on 127.0.0.1."
+    )
+
+
+# --- remembered state --------------------------------------------------------------------------------
+
+
+def last_model(settings: Settings) -> str | None:
+    """The model loaded last time (a path), from the small state file in the data dir."""
+    try:
+        state = json.loads(settings.state_file.read_text())
+    except (OSError, ValueError):
+        return None
+    value = state.get("last_model") if isinstance(state, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def remember_model(settings: Settings, model_path: str) -> None:
+    settings.state_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = settings.state_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"last_model": model_path}))
+    os.replace(tmp, settings.state_file)

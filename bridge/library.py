@@ -1,0 +1,75 @@
+"""The local models: GGUF files in the models dir, each known by an id (its path in the folder, no suffix).
+
+Requests name models only by id; `resolve` turns an id into a file strictly inside the models dir, so a
+request can never make the bridge open a path of its choosing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from .errors import NotFound, UnsafePath
+
+GGUF_SUFFIX = ".gguf"
+# Split models: the first shard stands for the set, later shards are not listed.
+_SHARD = re.compile(r"-(\d{5})-of-(\d{5})$")
+
+
+@dataclass
+class LocalModel:
+    id: str
+    path: Path
+    size_bytes: int
+
+
+def model_id(path: Path, root: Path) -> str:
+    stem = path.relative_to(root).as_posix()[: -len(GGUF_SUFFIX)]
+    return _SHARD.sub("", stem)
+
+
+def scan(root: Path) -> list[LocalModel]:
+    """Every GGUF model under `root` (sub-folders included), sorted by id."""
+    if not root.is_dir():
+        return []
+    models = []
+    for path in sorted(root.rglob(f"*{GGUF_SUFFIX}")):
+        shard = _SHARD.search(path.stem)
+        if shard and shard.group(1) != "00001":
+            continue
+        if not path.is_file():
+            continue
+        models.append(LocalModel(model_id(path, root), path, _set_size(path, shard is not None)))
+    return sorted(models, key=lambda m: m.id)
+
+
+def _set_size(path: Path, sharded: bool) -> int:
+    if not sharded:
+        return path.stat().st_size
+    prefix = _SHARD.sub("", path.stem)
+    return sum(p.stat().st_size for p in path.parent.glob(f"{prefix}-*-of-*{GGUF_SUFFIX}"))
+
+
+def check_id(model: str) -> str:
+    """Reject ids that could leave the models dir: absolute paths, `..`, backslashes, NUL bytes."""
+    if not model or "\\" in model or "\x00" in model or ":" in model:
+        raise UnsafePath(
+            f"model id {model!r} is not valid: use an id from GET /bridge/v1/models", model=model
+        )
+    parts = PurePosixPath(model).parts
+    if model.startswith("/") or any(part in ("..", ".") for part in parts):
+        raise UnsafePath(
+            f"model id {model!r} is not valid: ids are names inside the models folder, not paths", model=model
+        )
+    return model
+
+
+def resolve(root: Path, model: str) -> LocalModel:
+    """The model with this id (with or without the .gguf suffix) in `root`."""
+    check_id(model)
+    wanted = model[: -len(GGUF_SUFFIX)] if model.endswith(GGUF_SUFFIX) else model
+    for found in scan(root):
+        if found.id == wanted:
+            return found
+    raise NotFound(f"no model {model!r} in {root}; GET /bridge/v1/models lists the models there", model=model)

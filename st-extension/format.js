@@ -1,0 +1,207 @@
+// Pure helpers that turn the bridge's JSON into the words and numbers the panel and slash commands show.
+// No DOM, no SillyTavern: each takes data and returns text.
+
+const QUANT_PATTERN = /[-_.]((?:I?Q\d(?:_[A-Z0-9]+)*)|BF16|F16|F32)$/i;
+const K = 1024;
+
+/** Fit verdicts of the planner → badge text and CSS modifier. */
+export const VERDICTS = {
+    full_gpu: { label: 'Full GPU', cls: 'good' },
+    partial_gpu: { label: 'Partial GPU', cls: 'ok' },
+    cpu_only: { label: 'CPU only', cls: 'slow' },
+    wont_fit: { label: "Won't fit", cls: 'bad' },
+};
+
+/** Download states in which a download still runs (it can be cancelled). */
+export const ACTIVE_DOWNLOAD_STATES = new Set(['queued', 'running', 'verifying']);
+
+/** Context sizes offered in the panel. */
+export const CONTEXT_CHOICES = [2048, 4096, 8192, 12288, 16384, 24576, 32768, 65536, 131072];
+
+/**
+ * The quant named at the end of a model id: "mistral-nemo-12b-Q5_K_M" → "Q5_K_M".
+ * @param {string} name
+ * @returns {string}
+ */
+export function quantOf(name) {
+    return String(name || '').match(QUANT_PATTERN)?.[1]?.toUpperCase() ?? '';
+}
+
+/**
+ * The model id without its quant: the key shared by all quants of one model.
+ * @param {string} name
+ * @returns {string}
+ */
+export function baseOf(name) {
+    return String(name || '').replace(QUANT_PATTERN, '');
+}
+
+/**
+ * @param {number} tokens
+ * @returns {string} "16k", "12k", "3000"
+ */
+export function formatCtx(tokens) {
+    const n = Number(tokens) || 0;
+    return n >= K && n % K === 0 ? `${n / K}k` : String(n);
+}
+
+/**
+ * @param {number} bytes
+ * @returns {string} "4.1 GB", "512 MB"
+ */
+export function formatBytes(bytes) {
+    const n = Number(bytes) || 0;
+    if (n >= K ** 3) return `${(n / K ** 3).toFixed(n >= 10 * K ** 3 ? 0 : 1)} GB`;
+    if (n >= K ** 2) return `${Math.round(n / K ** 2)} MB`;
+    return `${Math.round(n / K)} KB`;
+}
+
+/**
+ * @param {string | undefined} verdict
+ * @returns {{label: string, cls: string}}
+ */
+export function verdictBadge(verdict) {
+    return VERDICTS[verdict ?? ''] ?? { label: verdict || 'unknown', cls: 'unknown' };
+}
+
+/**
+ * The hardware in one line; the bridge sends `summary`, older bridges only the fields.
+ * @param {any} hw GET /hardware
+ * @returns {string}
+ */
+export function hardwareLine(hw) {
+    if (!hw) return '';
+    if (hw.summary) return hw.summary;
+    const gpus = (hw.gpus ?? []).map((g) => `${g.name} ${(g.total_mib / K).toFixed(1)} GB`).join(' + ') || 'No NVIDIA GPU';
+    const ram = `${(hw.ram_total_mib / K).toFixed(0)} GB RAM (${(hw.ram_available_mib / K).toFixed(0)} GB free)`;
+    const cores = hw.cpu?.cores_physical ? `${hw.cpu.cores_physical} cores` : '';
+    return [gpus, ram, cores].filter(Boolean).join(' · ');
+}
+
+/**
+ * The loaded model as the panel and /bridge-status describe it.
+ * @param {any} status GET /status
+ * @returns {{state: string, model: string, quant: string, nCtx: number, gpuLayers: number, details: string}}
+ */
+export function describeStatus(status) {
+    const state = status?.state ?? 'offline';
+    const model = status?.model || status?.model_id || '';
+    const plan = status?.plan ?? {};
+    const nCtx = Number(status?.n_ctx || plan.n_ctx || 0);
+    const gpuLayers = Number(status?.n_gpu_layers ?? plan.n_gpu_layers ?? 0);
+    const quant = quantOf(model);
+    const parts = [];
+    if (quant) parts.push(quant);
+    if (nCtx) parts.push(`${formatCtx(nCtx)} context`);
+    parts.push(`${gpuLayers} GPU layers`);
+    if (status?.kv_type) parts.push(`KV ${status.kv_type}`);
+    const memory = memoryText(plan);
+    if (memory) parts.push(memory);
+    return { state, model, quant, nCtx, gpuLayers, details: model ? parts.join(' · ') : '' };
+}
+
+/**
+ * Memory in use from the load plan, when the planner reported it.
+ * @param {any} plan
+ * @returns {string}
+ */
+function memoryText(plan) {
+    const vram = plan?.vram_bytes ?? plan?.memory?.vram_bytes;
+    const ram = plan?.ram_bytes ?? plan?.memory?.ram_bytes;
+    const parts = [];
+    if (vram) parts.push(`${formatBytes(vram)} VRAM`);
+    if (ram) parts.push(`${formatBytes(ram)} RAM`);
+    return parts.join(' + ');
+}
+
+/**
+ * One line for /bridge-status and the toast after a reconnect.
+ * @param {any} status
+ * @returns {string}
+ */
+export function statusLine(status) {
+    const { state, model, details } = describeStatus(status);
+    if (state === 'ready') return `${model} (${details})`;
+    if (state === 'loading') return `loading ${model}…`;
+    if (state === 'error') return `error: ${status?.error || 'the model failed to load'}`;
+    if (state === 'offline') return 'the bridge is not reachable';
+    return status?.hint || 'no model loaded';
+}
+
+/**
+ * "Now using tiny-llama Q4_K_M, 16k context"
+ * @param {any} status
+ * @returns {string}
+ */
+export function nowUsingText(status) {
+    const { model, quant, nCtx } = describeStatus(status);
+    const name = quant ? `${baseOf(model)} ${quant}` : model;
+    return `Now using ${name}, ${formatCtx(nCtx)} context`;
+}
+
+/**
+ * Context sizes to offer: up to what the model was trained for, each flagged with whether it fits.
+ * @param {number} trained the model's training context (0: unknown)
+ * @param {number} current the loaded n_ctx
+ * @param {number} fitsUpTo the largest context the planner says fits (0: unknown)
+ * @returns {{value: number, label: string}[]}
+ */
+export function contextChoices(trained, current, fitsUpTo) {
+    const limit = trained || Math.max(...CONTEXT_CHOICES);
+    const values = new Set(CONTEXT_CHOICES.filter((n) => n <= limit));
+    if (current) values.add(current);
+    return [...values].sort((a, b) => a - b).map((value) => {
+        let label = formatCtx(value);
+        if (fitsUpTo) label += value <= fitsUpTo ? ' (fits)' : ' (too big)';
+        return { value, label };
+    });
+}
+
+/**
+ * A recommendation as the panel shows it (an entry of GET /recommend's `candidates`).
+ * @param {any} item
+ * @returns {{key: string, name: string, quant: string, repo: string, file: string, localId: string | null,
+ *   verdict: string, reason: string, speed: string, size: string}}
+ */
+export function describeCandidate(item) {
+    const file = String(item.file ?? '');
+    const repo = String(item.repo ?? '');
+    const sizeBytes = item.size_bytes ?? (item.size_mib ? item.size_mib * K * K : 0);
+    return {
+        key: `${repo}/${file}`,
+        name: item.name ?? (repo.split('/').pop() || file).replace(/-GGUF$/i, ''),
+        quant: item.quant ?? quantOf(file.replace(/\.gguf$/i, '')),
+        repo,
+        file,
+        localId: item.local_id ?? null, // set when this file is already in the bridge's models folder
+        verdict: item.verdict ?? item.fit?.verdict ?? '',
+        reason: item.reason ?? item.fit?.reason ?? '',
+        speed: item.expected_tok_s ? `~${Math.round(item.expected_tok_s)} tok/s` : '',
+        size: sizeBytes ? formatBytes(sizeBytes) : '',
+    };
+}
+
+/**
+ * @param {any} answer GET /recommend: a list, or an object holding one
+ * @returns {any[]}
+ */
+export function candidateList(answer) {
+    if (Array.isArray(answer)) return answer;
+    return answer?.candidates ?? answer?.recommendations ?? answer?.items ?? [];
+}
+
+/**
+ * Download progress as text: "1.2 GB of 4.1 GB · 35 MB/s · 1 min left".
+ * @param {any} d a download (`download_progress` event data, or an entry of GET /downloads)
+ * @returns {{fraction: number, text: string}}
+ */
+export function downloadProgress(d) {
+    const done = Number(d.bytes_done ?? 0);
+    const total = Number(d.bytes_total ?? 0);
+    const fraction = total ? Math.min(1, done / total) : 0;
+    const parts = [total ? `${formatBytes(done)} of ${formatBytes(total)}` : formatBytes(done)];
+    if (d.rate_bps) parts.push(`${formatBytes(d.rate_bps)}/s`);
+    const eta = Number(d.eta_s ?? 0);
+    if (eta) parts.push(eta >= 90 ? `${Math.round(eta / 60)} min left` : `${Math.round(eta)} s left`);
+    return { fraction, text: parts.join(' · ') };
+}

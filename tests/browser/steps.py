@@ -1,0 +1,62 @@
+"""What a user does in SillyTavern with the panel, as functions the browser tests share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.fixtures.sillytavern import Stage
+
+ST_STATUS_ROUTE = "/api/backends/text-completions/status"
+
+
+def online_status(stage: Stage) -> str:
+    return stage.browser.js("() => SillyTavern.getContext().onlineStatus")
+
+
+def wait_online(stage: Stage, model: str, timeout_s: float = 30) -> None:
+    """Waits until SillyTavern reports `model` as its connected model."""
+    stage.browser.wait_js("(m) => SillyTavern.getContext().onlineStatus === m", timeout_s, arg=model)
+
+
+def wait_bridge_state(stage: Stage, state: str, timeout_s: float = 30) -> None:
+    stage.browser.wait_js("(s) => document.querySelector('#st_bridge_link')?.dataset.state === s", timeout_s,
+                          arg=state)
+
+
+def show_panel(stage: Stage) -> None:
+    """Opens SillyTavern's Extensions drawer (other clicks, like sending a message, close it)."""
+    page = stage.browser.page
+    if not page.is_visible("#st_bridge_connect"):
+        page.click("#extensions-settings-button .drawer-toggle")
+        page.wait_for_selector("#st_bridge_connect", state="visible")
+
+
+def use_in_sillytavern(stage: Stage) -> None:
+    """Presses "Use in SillyTavern" and waits for ST to connect to the bridge's loaded model."""
+    model = stage.bridge.status()["model"]
+    wait_bridge_state(stage, "ready")
+    show_panel(stage)
+    stage.browser.page.click("#st_bridge_connect")
+    wait_online(stage, model)
+    stage.browser.wait_js("() => !window.stBridge.connecting")
+
+
+def ensure_connected(stage: Stage) -> None:
+    if online_status(stage) != stage.bridge.status()["model"]:
+        use_in_sillytavern(stage)
+
+
+class StatusChecks:
+    """Counts SillyTavern's connection checks (each one is a Connect) as the browser sends them."""
+
+    def __init__(self, stage: Stage) -> None:
+        self.count = 0
+        self._page: Any = stage.browser.page
+        self._page.on("request", self._seen)
+
+    def _seen(self, request: Any) -> None:
+        if request.url.endswith(ST_STATUS_ROUTE):
+            self.count += 1
+
+    def close(self) -> None:
+        self._page.remove_listener("request", self._seen)

@@ -1,0 +1,68 @@
+"""The panel shows what the bridge reports: hardware, the loaded model and its quants, recommendations."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.browser.steps import show_panel, wait_bridge_state
+from tests.fixtures.sillytavern import Stage
+
+pytestmark = pytest.mark.browser
+
+
+def test_the_panel_shows_the_hardware_and_the_loaded_model(stage: Stage) -> None:
+    page = stage.browser
+    wait_bridge_state(stage, "ready")
+    show_panel(stage)
+    status = stage.bridge.status()
+    hardware = stage.bridge.get_json("/bridge/v1/hardware")
+    page.wait_js("() => document.querySelector('#st_bridge_hardware').textContent.length > 0")
+
+    shown = page.page.locator("#st_bridge_hardware").inner_text()
+    if "summary" in hardware:
+        assert shown == hardware["summary"]
+    else:  # a bridge that sends only the fields: the panel writes the line itself
+        gpus = " + ".join(g["name"] for g in hardware["gpus"]) or "No NVIDIA GPU"
+        assert shown.startswith(gpus)
+        assert f"{round(hardware['ram_total_mib'] / 1024)} GB RAM" in shown
+    assert page.page.locator("#st_bridge_model_name").inner_text() == status["model"]
+    details = page.page.locator("#st_bridge_model_details").inner_text()
+    quant = status["model"].rsplit("-", 1)[1]
+    assert details.startswith(f"{quant} · 4k context · {status['n_gpu_layers']} GPU layers")
+    page.wait_js("() => document.querySelectorAll('#st_bridge_quants .st-bridge-chip').length === 4")
+    chips = page.page.locator("#st_bridge_quants .st-bridge-chip-quant").all_inner_texts()
+    assert chips == ["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
+    verdicts = {m["id"]: (m.get("fit") or {}).get("verdict") for m in stage.bridge.get_json("/bridge/v1/models")["models"]}
+    if all(verdicts.values()):  # each local quant carries the planner's verdict as a badge
+        assert page.page.locator("#st_bridge_quants .st-bridge-badge").count() == 4
+    assert page.page.locator("#st_bridge_quants .st-bridge-chip.active .st-bridge-chip-quant").inner_text() == quant
+    page.screenshot("panel")
+
+
+def _route_exists(stage: Stage, path: str) -> bool:
+    try:
+        stage.bridge.get_json(path)
+    except urllib.error.HTTPError as exc:
+        return exc.code != 404
+    return True
+
+
+def test_recommend_lists_ranked_models_with_fit_badges(stage: Stage) -> None:
+    if not _route_exists(stage, "/bridge/v1/recommend?limit=1"):
+        pytest.skip("this bridge has no GET /bridge/v1/recommend yet")
+    page = stage.browser
+    show_panel(stage)
+    expected = stage.bridge.get_json("/bridge/v1/recommend?limit=8")["candidates"]
+    page.page.click("#st_bridge_recommend")
+    page.wait_js("() => document.querySelectorAll('#st_bridge_recommendations .st-bridge-candidate').length > 0", 60)
+    rows = page.page.locator("#st_bridge_recommendations .st-bridge-candidate")
+    assert rows.count() == len(expected)
+    first = rows.first.inner_text()
+    assert expected[0]["quant"] in first
+    assert rows.first.locator(".st-bridge-badge").count() == 1
+    page.screenshot("recommend")
+    print(json.dumps(expected[:1]))
