@@ -6,6 +6,7 @@ served from the cache, `timings.prompt_n` = those actually evaluated (the differ
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -83,6 +84,21 @@ async def test_a_second_turn_evaluates_only_the_new_tokens(engine: Engine) -> No
     assert turn2.tokens_evaluated - turn2.tokens_cached == turn2.timings.prompt_n
     assert new_tokens <= turn2.timings.prompt_n <= new_tokens + 4
     assert turn2.tokens_cached >= turn1.tokens_evaluated - 4
+
+
+@on_engine
+async def test_a_turn_carrying_the_reply_evaluates_only_what_follows_it(engine: Engine) -> None:
+    first = chat(0, 6)
+    chunks, turn1 = await generate(engine, first, max_tokens=32)
+    generated = engine.tokenize(first, add_bos=True) + [c.token_id for c in chunks if c.token_id is not None]
+    respelled = engine.tokenize(first + turn1.text, add_bos=True)
+    # Random weights pick tokens the tokenizer would not: the reply comes back spelled differently.
+    assert respelled != generated
+    await asyncio.sleep(1.0)  # the user reads and types; the worker re-spells the reply meanwhile
+    follow = "<|im_end|>\n" + message(100) + "<|im_start|>assistant\n"
+    _, turn2 = await generate(engine, first + turn1.text + follow)
+    assert turn2.tokens_cached >= len(respelled) - 1
+    assert turn2.timings.prompt_n <= len(engine.tokenize(follow)) + 1
 
 
 @on_engine

@@ -15,7 +15,8 @@ The server starts `run(conn, spec)` in a spawned process and talks to it over a 
 
 Generation is `llama_decode` plus llama.cpp's native sampler chain; only each new token becomes text
 (`llama_token_to_piece`), so the cost per token does not grow with the reply. The KV cache stays between
-requests and a new prompt evaluates only what the cache lacks (`reuse.py`).
+requests and a new prompt evaluates only what the cache lacks (`reuse.py`); between requests the reply is
+re-spelled as the tokenizer would spell it (`Runner.settle`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import llama_cpp
 import numpy as np
 
 from bridge.engine import llama_log
-from bridge.engine.reuse import plan_reuse
+from bridge.engine.reuse import common_prefix, plan_reuse
 from bridge.engine.sampling import Chain, build_chain
 from bridge.engine.stops import StopScanner
 from bridge.engine.types import GenerationRequest, GenerationResult, LoadSpec, Timings, TokenChunk, TokenProb
@@ -49,6 +50,8 @@ FLASH_ATTN = {
     False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
 }
 DEFAULT_CTX = 4096
+# Tokens per batch when settling the cache between requests: small, so a new request waits little.
+SETTLE_BATCH = 64
 
 
 class LoadFailed(Exception):
@@ -144,8 +147,7 @@ class Runner:
                 raise BadRequest(f"prompt token ids {bad[:5]} are outside the vocabulary "
                                  f"(0..{self.n_vocab - 1})")
         else:
-            add_bos = req.add_bos and bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
-            tokens = tokenize(self.vocab, req.prompt.encode("utf-8"), add_bos)
+            tokens = self.tokenize_text(req.prompt, req.add_bos)
         if not tokens:
             tokens = [max(llama_cpp.llama_vocab_bos(self.vocab), 0)]
         if len(tokens) >= self.n_ctx:
@@ -184,6 +186,35 @@ class Runner:
             if progress is not None:
                 progress(at + len(chunk), len(rest))
         return reused
+
+    def settle(self, text: str, add_bos: bool, idle: Any) -> None:
+        """While the user reads and types: make the cache hold `text` (prompt + reply) as the tokenizer
+        will spell it in the next prompt.
+
+        A model does not always generate the tokens the tokenizer would choose for the same text (random
+        weights almost never do; trained models now and then), and the next prompt, which carries the reply
+        as text, would then differ from the cache from there on. Evaluating that tail now, in small
+        batches that stop as soon as a request arrives (`idle()` turns false), takes it off the next
+        turn's time to first token.
+        """
+        # A chat at the edge of the context: settle what fits; the next prompt drops old messages anyway
+        # and the shift finds the settled part.
+        tokens = self.tokenize_text(text, add_bos)[: self.n_ctx - 1]
+        keep = common_prefix(self.cached, tokens)
+        if keep == len(tokens) or not idle():
+            return
+        llama_cpp.llama_memory_seq_rm(self.mem, 0, keep, -1)
+        self.cached = self.cached[:keep]
+        for at in range(keep, len(tokens), SETTLE_BATCH):
+            if not idle():
+                return
+            chunk = tokens[at:at + SETTLE_BATCH]
+            self._decode(chunk)
+            self.cached.extend(chunk)
+
+    def tokenize_text(self, text: str, add_bos: bool) -> list[int]:
+        add_bos = add_bos and bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        return tokenize(self.vocab, text.encode("utf-8"), add_bos)
 
     # ---- generation ----------------------------------------------------------------------------------
 
@@ -410,4 +441,6 @@ def _handle(conn: Connection, runner: Runner, request_id: int, req: GenerationRe
         llama_cpp.llama_memory_clear(runner.mem, True)
         result = GenerationResult(text="", stop_type="error", error=str(exc))
     conn.send(("done", request_id, result))
+    if not stop["shutdown"] and result.stop_type in ("eos", "word", "limit") and isinstance(req.prompt, str):
+        runner.settle(req.prompt + result.text, req.add_bos, idle=lambda: not conn.poll())
     return stop["shutdown"]
