@@ -11,10 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .errors import NotFound, UnsafePath
+from .formats import QUANT_RE
 
 GGUF_SUFFIX = ".gguf"
 # Split models: the first shard stands for the set, later shards are not listed.
 _SHARD = re.compile(r"-(\d{5})-of-(\d{5})$")
+# Files still being written: the download manager's partial files and its hard-link step, and the usual
+# names other downloaders use. They are never models, and their growth is no change to the models list.
+PARTIAL_SUFFIXES = (".incomplete", ".link", ".part", ".partial", ".tmp", ".crdownload", ".aria2")
 
 
 @dataclass
@@ -73,3 +77,34 @@ def resolve(root: Path, model: str) -> LocalModel:
         if found.id == wanted:
             return found
     raise NotFound(f"no model {model!r} in {root}; GET /bridge/v1/models lists the models there", model=model)
+
+
+def is_partial(path: str | Path) -> bool:
+    """A file still being downloaded or copied into place (see PARTIAL_SUFFIXES)."""
+    return Path(path).name.lower().endswith(PARTIAL_SUFFIXES)
+
+
+def quant_of(path: Path) -> str | None:
+    """The quant a file's name gives (`Q4_K_M`), upper-case, or None."""
+    match = QUANT_RE.search(path.name)
+    return match.group(0).upper() if match else None
+
+
+def name_stem(path: Path) -> str:
+    """A file's name without its shard part, suffix and quant: siblings of one model share it
+    (`tiny-llama-Q4_K_M.gguf` and `tiny-llama-Q8_0.gguf` both give `tiny-llama`)."""
+    stem = _SHARD.sub("", path.name[: -len(GGUF_SUFFIX)] if path.name.endswith(GGUF_SUFFIX) else path.stem)
+    return QUANT_RE.sub("", stem).strip("-_. ").lower()
+
+
+def siblings(path: Path) -> dict[str, Path]:
+    """The other quants of the model in `path`, in the same folder: {quant: file} (this one included)."""
+    stem = name_stem(path)
+    found: dict[str, Path] = {}
+    for model in scan(path.parent):
+        if model.path.parent != path.parent or name_stem(model.path) != stem:
+            continue
+        quant = quant_of(model.path)
+        if quant is not None:
+            found.setdefault(quant, model.path)
+    return found

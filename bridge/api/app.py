@@ -54,6 +54,7 @@ def create_app(settings: Settings, engine: EngineLike | None = None) -> web.Appl
         app.add_routes(module.routes)
     catalog_routes.add_routes(app)
     app.cleanup_ctx.append(_engine_lifetime)
+    app.cleanup_ctx.append(manage.watch_models_dir)
     app.on_shutdown.append(manage.close_event_streams)
     return app
 

@@ -4,18 +4,21 @@ which plan, loading and unloading it, and the events the ST extension watches.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import weakref
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from pydantic import Field
 
 from .. import library
 from ..config import Settings, last_model, remember_model
 from ..engine.types import LoadSpec
-from ..errors import BadRequest, BridgeError, EngineError, NotEnoughMemory
+from ..errors import BadRequest, BridgeError, EngineError, NotEnoughMemory, NotFound
 from ..events import Event, EventBus
 from ..gguf import GGUFHeader, ModelInfo, model_info, read_file
 from . import BUS_KEY, MANAGER_KEY, SETTINGS_KEY, EngineLike
@@ -32,7 +35,12 @@ STREAMS_KEY = web.AppKey("event_streams", weakref.WeakSet)
 
 
 class ModelManager:
-    """Loads and unloads models on the engine, one at a time, and remembers the last one used."""
+    """Loads, swaps and unloads models on the engine, one at a time, and remembers the last one used.
+
+    A swap (`load` while a model serves) is live: the engine holds new requests from the moment it starts,
+    lets the running generation finish (or cancels it), and serves the held requests with the new model.
+    From that moment `model_name()` names the incoming model, since it is the one new requests will get.
+    """
 
     def __init__(self, settings: Settings, engine: EngineLike, bus: EventBus) -> None:
         self.settings = settings
@@ -41,10 +49,14 @@ class ModelManager:
         self.info: ModelInfo | None = None
         self.plan: dict[str, Any] | None = None
         self._lock = asyncio.Lock()
+        self._incoming: str | None = None  # the id of the model a load under way brings in
+        self._overrides: dict[str, Any] = {}  # the settings the loaded model was asked for
 
     # --- what is loaded ---
 
     def model_name(self) -> str:
+        if self._incoming is not None:
+            return self._incoming
         status = self.engine.status()
         return status.model_id or "" if status.state in ("ready", "loading") else ""
 
@@ -74,14 +86,54 @@ class ModelManager:
 
     # --- loading ---
 
-    async def load(self, model: str, *, trusted: bool = False, **overrides: Any) -> dict[str, Any]:
-        """Load `model` (an id in the models dir; a file path only when `trusted`, i.e. from the CLI)."""
+    async def swap(
+        self, model: str | None = None, *, quant: str | None = None, cancel_running: bool = False,
+        **overrides: Any,
+    ) -> dict[str, Any]:
+        """`POST /load`: another model by id; with `quant` only, the loaded model's sibling file of that
+        quant; with neither, the loaded file again with new settings (e.g. a context change)."""
+        if model is not None:
+            return await self.load(model, cancel_running=cancel_running, **overrides)
+        loaded = self._loaded_path()
+        # Same model, other quant or context: keep what the user chose before unless this request changes it.
+        kept = self._overrides | {key: value for key, value in overrides.items() if value is not None}
+        path = loaded if quant is None else self._sibling(loaded, quant)
+        return await self.load(str(path), trusted=True, cancel_running=cancel_running, **kept)
+
+    def _loaded_path(self) -> Path:
+        status = self.engine.status()
+        if status.model_path is None or status.state not in ("ready", "loading"):
+            raise BadRequest(
+                'no model is loaded, so there is no quant or context to switch: name one, as in '
+                '{"model": "<id from GET /bridge/v1/models>"}'
+            )
+        return Path(status.model_path)
+
+    @staticmethod
+    def _sibling(loaded: Path, quant: str) -> Path:
+        found = library.siblings(loaded)
+        wanted = quant.strip().upper()
+        if wanted in found:
+            return found[wanted]
+        have = ", ".join(sorted(found)) or "none"
+        raise NotFound(
+            f"no {quant} file of this model next to {loaded.name} (quants here: {have}); "
+            "download it first, see GET /bridge/v1/models/{id}/quants",
+            quant=quant,
+        )
+
+    async def load(
+        self, model: str, *, trusted: bool = False, cancel_running: bool = False, **overrides: Any
+    ) -> dict[str, Any]:
+        """Load `model` (an id in the models dir; a file path only when `trusted`: from the CLI, or a file
+        found next to the loaded one). Anything wrong with the file or the fit fails here, before the engine
+        is touched, so the loaded model keeps serving."""
         path, model_id = self._locate(model, trusted)
-        try:  # a bad header or a model that cannot fit fails here, before the engine is touched
+        try:
             header = await asyncio.to_thread(read_file, path)
             plan = await asyncio.to_thread(plan_for, header, self.settings, overrides)
         except BridgeError as exc:
-            self.bus.publish("error", {"model_id": model_id, "message": exc.message})
+            self.bus.publish("error", {"model": model_id, "model_id": model_id, "message": exc.message})
             raise
         spec = LoadSpec(
             model_path=str(path),
@@ -91,8 +143,9 @@ class ModelManager:
             kv_type=plan["kv_type"],
             flash_attn=plan["flash_attn"],
         )
+        requested = {key: value for key, value in overrides.items() if value is not None}
         # A client that gives up waiting must not cancel a load half-way: it runs as its own task.
-        task = asyncio.ensure_future(self._load(spec, plan, model_info(header)))
+        task = asyncio.ensure_future(self._load(spec, plan, model_info(header), requested, cancel_running))
         return await asyncio.shield(task)
 
     def _locate(self, model: str, trusted: bool) -> tuple[Path, str]:
@@ -104,15 +157,24 @@ class ModelManager:
         found = library.resolve(self.settings.models_path, model)
         return found.path, found.id
 
-    async def _load(self, spec: LoadSpec, plan: dict[str, Any], info: ModelInfo) -> dict[str, Any]:
+    async def _load(
+        self, spec: LoadSpec, plan: dict[str, Any], info: ModelInfo, requested: dict[str, Any],
+        cancel_running: bool,
+    ) -> dict[str, Any]:
         async with self._lock:
-            self.bus.publish("load_started", {"model_id": spec.model_id, "plan": plan})
+            named = {"model": spec.model_id, "model_id": spec.model_id}  # the extension reads `model`
+            self.bus.publish("load_started", named | {"plan": plan})
+            self._incoming = spec.model_id
             try:
-                status = await self.engine.load(spec)  # the engine announces progress and failures itself
+                # The engine announces progress and failures itself (see on_engine_event).
+                status = await self._engine_load(spec, cancel_running)
             except BridgeError:
+                self._incoming = None
+                self._announce_ready()  # the previous model, when it is serving again
                 self.bus.publish("status", self.status_dict())
                 raise
-            self.info = info
+            self._incoming = None
+            self.info, self._overrides = info, requested
             remember_model(self.settings, spec.model_path)
             self.plan = plan | {
                 "n_ctx": status.n_ctx,
@@ -120,9 +182,30 @@ class ModelManager:
                 "kv_type": status.kv_type,
                 "flash_attn": status.flash_attn,
             }
-            self.bus.publish("model_loaded", {"model_id": spec.model_id, "plan": self.plan})
+            self._announce_ready()
+            self.bus.publish("model_loaded", named | {"plan": self.plan})
             self.bus.publish("status", self.status_dict())
             return {"model": spec.model_id, "plan": self.plan, "status": self.status_dict()}
+
+    async def _engine_load(self, spec: LoadSpec, cancel_running: bool) -> Any:
+        if cancel_running:
+            return await self.engine.load(spec, cancel_running=True)  # type: ignore[call-arg]
+        return await self.engine.load(spec)
+
+    def _announce_ready(self) -> None:
+        """`ready`: what now serves, with the figures the extension shows and pushes into ST."""
+        status = self.engine.status()
+        if status.state != "ready" or not status.model_id:
+            return
+        self.bus.publish("ready", {
+            "model": status.model_id,
+            "model_id": status.model_id,
+            "quant": self.info.file_type if self.info else None,
+            "n_ctx": status.n_ctx,
+            "gpu_layers": status.n_gpu_layers,
+            "kv_type": status.kv_type,
+            "flash_attn": status.flash_attn,
+        })
 
     async def unload(self) -> None:
         async with self._lock:
@@ -144,13 +227,20 @@ class ModelManager:
             log.error("could not load %s: %s", model, exc.message)
 
     def on_engine_event(self, name: str, data: dict[str, Any]) -> None:
-        """The engine's events, under the names the management API documents, with a fresh status
-        whenever the engine's state changes (a crash and restart included)."""
+        """The engine's events, under the names the management API documents (`loading` and its older
+        name `load_progress`, `error`), with a fresh status whenever the engine's state changes. `ready`
+        comes from `_load` once the swap is complete, or from here after a restart from a crash."""
+        data = data | {"model": data.get("model_id")} if "model_id" in data else data
         if name == "loading":
+            self.bus.publish("loading", data)
             self.bus.publish("load_progress", data)
+            if data.get("progress") == 0.0:
+                self.bus.publish("status", self.status_dict())
             return
         if name == "error":
             self.bus.publish("error", data)
+        if name == "ready" and not self._lock.locked():
+            self._announce_ready()
         if name in ("ready", "error", "unloaded"):
             self.bus.publish("status", self.status_dict())
 
@@ -315,14 +405,34 @@ def _describe_all(settings: Settings, loaded: str) -> list[dict[str, Any]]:
     return described
 
 
+class SwapBody(LoadBody):
+    """`POST /bridge/v1/load`: `model` (an id), or `quant` alone (the loaded model's sibling file of that
+    quant), or only settings such as `ctx` (the loaded file again); `cancel_running` stops the generation
+    under way instead of letting it finish first."""
+
+    model: str | None = None  # type: ignore[assignment]
+    quant: str | None = Field(None, pattern=r"^[A-Za-z0-9_\-]{2,16}$")
+    cancel_running: bool = False
+
+
 @routes.post("/bridge/v1/load")
 async def load(request: web.Request) -> web.Response:
-    body = parse(LoadBody, await request.json())
-    library.check_id(body.model)
-    result = await request.app[MANAGER_KEY].load(
-        body.model, ctx=body.ctx, gpu_layers=body.gpu_layers, kv_type=body.kv_type, flash_attn=body.flash_attn
+    body = parse(SwapBody, await request.json())
+    if body.model is not None:
+        library.check_id(body.model)
+        if body.quant is not None:
+            raise BadRequest('give "model" or "quant", not both: "quant" switches the loaded model\'s quant')
+    elif body.quant is None and body.ctx is None and not _settings_in(body):
+        raise BadRequest('say what to load: "model" (an id), "quant" (of the loaded model) or "ctx"')
+    result = await request.app[MANAGER_KEY].swap(
+        body.model, quant=body.quant, cancel_running=body.cancel_running, ctx=body.ctx,
+        gpu_layers=body.gpu_layers, kv_type=body.kv_type, flash_attn=body.flash_attn,
     )
     return web.json_response(result)
+
+
+def _settings_in(body: SwapBody) -> bool:
+    return any(value is not None for value in (body.gpu_layers, body.kv_type, body.flash_attn))
 
 
 @routes.post("/bridge/v1/unload")
@@ -354,6 +464,21 @@ async def close_event_streams(app: web.Application) -> None:
     """on_shutdown: end open SSE streams, which would otherwise hold the shutdown for their timeout."""
     for task in list(app[STREAMS_KEY]):
         task.cancel()
+
+
+async def watch_models_dir(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: `models_changed` events for the app's lifetime, as models are added and removed."""
+    from ..watch import watch_models
+
+    bus = app[BUS_KEY]
+    task = asyncio.create_task(
+        watch_models(app[SETTINGS_KEY].models_path, lambda change: bus.publish("models_changed", change)),
+        name="st-bridge-models-watch",
+    )
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def snapshot(app: web.Application) -> Event:

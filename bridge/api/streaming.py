@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from ..engine.types import GenerationRequest, GenerationResult, TokenChunk, TokenProb
-from ..errors import Busy, EngineError
+from ..errors import EngineError
 from . import ENGINE_KEY
 from .middleware import cors_headers_for
 
@@ -35,8 +35,6 @@ class ClientGone(Exception):
 
 def ensure_model(request: web.Request) -> None:
     status = request.app[ENGINE_KEY].status()
-    if status.state == "loading":
-        raise Busy("the model is still loading; try again in a moment", retry_after_s=5)
     if status.state == "error":
         raise EngineError(f"the model failed to load: {status.error}. {NO_MODEL_HINT}")
     if status.state != "ready":

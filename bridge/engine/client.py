@@ -154,23 +154,33 @@ class Engine:
         """Load `spec` (replacing the current model once the running generation ends, or at once with
         `cancel_running`). On failure the previous model is loaded back and EngineError says why."""
         self._check_open()
+        # Held from this moment (before any await): a request that arrives while the swap is under way
+        # waits in the queue and is served by the new model, never by the old one in between.
+        self._turns.block()
         try:
-            vocab = await asyncio.to_thread(self._read_vocab, spec)
-        except EngineError as exc:  # unreadable: the current model is untouched
-            self._emit("error", {"model_id": spec.model_id, "message": exc.message})
-            raise
-        async with self._exclusive(cancel_running):
-            previous = self._spec
-            await self._stop_worker()
             try:
-                await self._start(spec)
-            except EngineError:
-                vocab.close()
-                if previous is not None:
-                    await self._restore(previous)
+                vocab = await asyncio.to_thread(self._read_vocab, spec)
+            except EngineError as exc:  # unreadable: the current model is untouched
+                self._emit("error", {"model_id": spec.model_id, "message": exc.message})
                 raise
-            self._set_vocab(vocab)
+            async with self._exclusive(cancel_running):
+                await self._swap(spec, vocab)
+        finally:
+            self._turns.unblock()
         return self.status()
+
+    async def _swap(self, spec: LoadSpec, vocab: Vocab) -> None:
+        """Replace the worker (the turns are idle and held); on failure bring the previous model back."""
+        previous = self._spec if self._state == "ready" else None
+        await self._stop_worker()
+        try:
+            await self._start(spec)
+        except EngineError:
+            vocab.close()
+            if previous is not None:
+                await self._restore(previous)
+            raise
+        self._set_vocab(vocab)
 
     async def unload(self) -> None:
         async with self._exclusive(cancel_running=False):

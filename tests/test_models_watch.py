@@ -1,0 +1,72 @@
+"""The models list follows the models dir on a real bridge: files added (sub-folders too) and removed show
+up in `GET /bridge/v1/models` and as one `models_changed` event within a few seconds; partial downloads
+(`*.incomplete`) never do."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from pathlib import Path
+
+import aiohttp
+
+from tests.test_hot_swap import Events, watching
+
+DEADLINE_S = 5.0
+
+
+async def listed(http: aiohttp.ClientSession) -> list[str]:
+    async with http.get("/bridge/v1/models") as reply:
+        assert reply.status == 200
+        return [m["id"] for m in (await reply.json())["models"]]
+
+
+async def wait_listed(http: aiohttp.ClientSession, expected: list[str]) -> float:
+    """Seconds until the list is `expected`; fails after DEADLINE_S."""
+    started = time.monotonic()
+    while (ids := await listed(http)) != expected:
+        assert time.monotonic() - started < DEADLINE_S, f"still {ids}, expected {expected}"
+        await asyncio.sleep(0.1)
+    return time.monotonic() - started
+
+
+async def changed(events: Events, start: int) -> dict:
+    return events.seen[await events.wait_for("models_changed", start)]["data"]
+
+
+async def test_added_and_removed_files_show_up_within_seconds(
+    start_bridge, tmp_path: Path, models_dir: Path
+) -> None:
+    own = tmp_path / "models"
+    own.mkdir()
+    shutil.copyfile(models_dir / "tiny-llama-Q8_0.gguf", own / "tiny-llama-Q8_0.gguf")
+    server = start_bridge("--model", "tiny-llama-Q8_0", "--ctx", "512", models=own)
+    async with aiohttp.ClientSession(server.url) as http, watching(http) as events:
+        assert await listed(http) == ["tiny-llama-Q8_0"]
+
+        # A download in progress, then a finished file moved into place as the download manager does.
+        partial = own / "other-Q4_K_M.gguf.incomplete"
+        shutil.copyfile(models_dir / "tiny-llama-Q4_K_M.gguf", partial)
+        start = len(events.seen)
+        (own / "later").mkdir()
+        shutil.copyfile(models_dir / "tiny-llama-Q6_K.gguf", own / "later" / "tiny-llama-Q6_K.gguf")
+        await wait_listed(http, ["later/tiny-llama-Q6_K", "tiny-llama-Q8_0"])
+        first = await changed(events, start)
+        assert first["added"] == ["later/tiny-llama-Q6_K"] and first["removed"] == []
+
+        start = len(events.seen)
+        partial.rename(own / "other-Q4_K_M.gguf")
+        await wait_listed(http, ["later/tiny-llama-Q6_K", "other-Q4_K_M", "tiny-llama-Q8_0"])
+        assert (await changed(events, start))["added"] == ["other-Q4_K_M"]
+
+        start = len(events.seen)
+        shutil.rmtree(own / "later")
+        (own / "other-Q4_K_M.gguf").unlink()
+        await wait_listed(http, ["tiny-llama-Q8_0"])
+        removed: set[str] = set()
+        while removed != {"later/tiny-llama-Q6_K", "other-Q4_K_M"}:  # one event, or two close together
+            index = await events.wait_for("models_changed", start)
+            removed |= set(events.seen[index]["data"]["removed"])
+            start = index + 1
+        assert events.seen[index]["data"]["models"] == ["tiny-llama-Q8_0"]
