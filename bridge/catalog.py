@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -26,6 +28,7 @@ from .formats import parse_name
 
 CACHE_NAME = "catalog-cache.json"
 DEFAULT_TTL_S = 24 * 3600
+DISCOVER_PER_AUTHOR = 10  # an uploader's most downloaded GGUF repositories a refresh may add
 SCHEMA = 1
 
 # Bits per weight of whole files (tensor mixtures), Llama-3.1-8B column of ggml-org/llama.cpp
@@ -174,6 +177,7 @@ class CatalogModel:
     sources: dict[str, str | None] = field(default_factory=dict)
     notes: str | None = None
     headers: dict[str, dict[str, Any]] = field(default_factory=dict)  # file -> layout_to_dict (range read)
+    source: str = "survey"  # survey (the bundled catalog) | discovered (a trusted uploader's, by a refresh)
 
     @property
     def is_moe(self) -> bool:
@@ -302,6 +306,7 @@ def from_dict(data: dict[str, Any], origin: str) -> Catalog:
                 sources=m.get("sources", {}),
                 notes=m.get("notes"),
                 headers=m.get("headers", {}),
+                source=m.get("source", "survey"),
             )
         )
     return Catalog(models=models, origin=origin, refreshed_at=data.get("refreshed_at"))
@@ -475,40 +480,86 @@ def refresh(
     read_headers: bool = True,
     repos: list[str] | None = None,
     authors: list[str] | None = None,
-    log: Any = None,
+    per_author: int = DISCOVER_PER_AUTHOR,
+    log: Callable[[str], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> Catalog:
     """Exact sizes, sha256 and GGUF headers from the Hub for every (or the named) catalog repository.
 
     `hub` is a `bridge.hub.HubClient`. Repositories the Hub cannot answer for keep their survey figures
-    (and the failure goes to `log`); a refresh never makes the catalog smaller. `authors` lists trusted
-    uploaders whose GGUF repositories are added when they are not in the catalog yet.
+    (and the failure goes to `log`); a refresh never drops a catalog model it could not reach. `authors`
+    lists trusted uploaders: their `per_author` most downloaded GGUF repositories not in the catalog yet are
+    added, marked `"source": "discovered"`. A header already read for a file whose sha256 has not changed is
+    kept, not read again. Once `stop` is set the remaining repositories are left as they are.
     """
-    models = list(catalog.models)
-    if authors:
-        known = {m.repo.lower() for m in models}
-        for repo in hub.list_gguf_repos(authors):
-            if repo.lower() not in known:
-                models.append(_empty_model(repo))
+    say = log or (lambda _message: None)
+    models = list(catalog.models) + _discover(catalog, hub, authors or [], per_author, say)
     wanted = {r.lower() for r in repos} if repos else None
     out = []
     for model in models:
-        if wanted is not None and model.repo.lower() not in wanted:
+        if (wanted is not None and model.repo.lower() not in wanted) or (stop and stop.is_set()):
             out.append(model)
             continue
         try:
             out.append(_refresh_model(model, hub, read_headers))
         except BridgeError as exc:
-            if log:
-                log(f"{model.repo}: kept the survey figures ({exc.message})")
+            say(f"{model.repo}: kept the figures it had ({exc.message})")
             out.append(model)
+    # A discovered repository whose files could not be read has nothing to offer yet.
     return Catalog(models=[m for m in out if m.files], origin="hub", refreshed_at=time.time())
 
 
-def _empty_model(repo: str) -> CatalogModel:
+def refresh_cache(
+    data_dir: Path,
+    hub: Any,
+    *,
+    authors: list[str] | None = None,
+    read_headers: bool = True,
+    repos: list[str] | None = None,
+    log: Callable[[str], None] | None = None,
+    stop: threading.Event | None = None,
+) -> tuple[Catalog, bool]:
+    """Refresh the catalog cached in `data_dir` (the bundled one the first time) and save it.
+
+    Returns the catalog and whether any figure changed. A refresh that `stop` interrupted saves nothing:
+    half the repositories refreshed would pass for a whole refresh until the time-to-live ran out.
+    """
+    before = load(data_dir)
+    after = refresh(before, hub, read_headers=read_headers, repos=repos, authors=authors, log=log, stop=stop)
+    if stop is not None and stop.is_set():
+        return before, False
+    save_cache(after, data_dir)
+    return after, not same_models(before, after)
+
+
+def same_models(a: Catalog, b: Catalog) -> bool:
+    """Whether two catalogs list the same models with the same figures (their dates aside)."""
+    return a.to_dict()["models"] == b.to_dict()["models"]
+
+
+def _discover(
+    catalog: Catalog, hub: Any, authors: list[str], per_author: int, say: Callable[[str], None]
+) -> list[CatalogModel]:
+    known = {m.repo.lower() for m in catalog.models}
+    found = []
+    for author in authors:
+        try:
+            listed = hub.list_gguf_repos(author, per_author)
+        except BridgeError as exc:
+            say(f"could not list the repositories of {author} ({exc.message})")
+            continue
+        for repo in listed:
+            if repo.lower() not in known:
+                known.add(repo.lower())
+                found.append(_empty_model(repo, f"{hub.endpoint}/{repo}"))
+    return found
+
+
+def _empty_model(repo: str, url: str) -> CatalogModel:
     hints = parse_name(repo)
     return CatalogModel(
         repo=repo,
-        name=repo.split("/")[1],
+        name=repo.split("/")[1].removesuffix("-GGUF").removesuffix("-gguf"),
         params_b=(hints.n_params or 0) / 1e9,
         params_estimated=True,
         active_params_b=(hints.n_params or 0) / 1e9,
@@ -518,7 +569,8 @@ def _empty_model(repo: str) -> CatalogModel:
         base_model=None,
         shape=Shape(),
         files=[],
-        sources={"params": "repository name (until a header is read)"},
+        source="discovered",
+        sources={"card": url, "params": "repository name (until a header is read)"},
     )
 
 
@@ -536,13 +588,12 @@ def _refresh_model(model: CatalogModel, hub: Any, read_headers: bool) -> Catalog
             )
         )
     files.sort(key=lambda f: f.size_bytes)
-    headers = dict(model.headers)
+    headers = _unchanged_headers(model, files)
     shape = model.shape
-    if read_headers:
-        for f in files:
-            layout = fit.ModelLayout.from_header(hub.read_header(model.repo, [p.path for p in f.parts]))
-            headers[f.file] = layout_to_dict(layout)
-            shape = _shape_from_info(layout.info) if not shape.complete or shape.estimated else shape
+    for f in _headers_to_read(files, headers, shape, read_headers):
+        layout = fit.ModelLayout.from_header(hub.read_header(model.repo, [p.path for p in f.parts]))
+        headers[f.file] = layout_to_dict(layout)
+        shape = _shape_from_info(layout.info) if not shape.complete or shape.estimated else shape
     params_b, active_b, estimated = model.params_b, model.active_params_b, model.params_estimated
     if headers and (estimated or not params_b):
         info = gguf.ModelInfo(**next(iter(headers.values()))["info"])
@@ -562,6 +613,31 @@ def _refresh_model(model: CatalogModel, hub: Any, read_headers: bool) -> Catalog
             "params_estimated": estimated,
         }
     )
+
+
+def _unchanged_headers(model: CatalogModel, files: list[CatalogFile]) -> dict[str, dict[str, Any]]:
+    """The headers read before for files whose every part still has the same sha256."""
+    old = {p.path: p.sha256 for f in model.files for p in f.parts}
+    return {
+        f.file: model.headers[f.file]
+        for f in files
+        if f.file in model.headers and all(p.sha256 and old.get(p.path) == p.sha256 for p in f.parts)
+    }
+
+
+def _headers_to_read(
+    files: list[CatalogFile], have: dict[str, Any], shape: Shape, read_all: bool
+) -> list[CatalogFile]:
+    """Every file's header when asked for all; else only the smallest file's, for a model with no shape
+    yet (a discovered one): the shape and parameter count are the model's, and with them and each file's
+    exact size the recommender lays out the other quants itself. A header costs megabytes (the tokenizer),
+    so a model's twenty quants are not read just in case."""
+    missing = [f for f in files if f.file not in have]
+    if read_all:
+        return missing
+    if shape.complete or have or not files:
+        return []
+    return missing[:1]
 
 
 def _group_remote(remote: list[Any]) -> dict[str, list[Any]]:

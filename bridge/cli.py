@@ -182,7 +182,7 @@ def _print_fit(data: dict[str, Any]) -> None:
 # --- install-extension -------------------------------------------------------------------------------
 
 def _add_install_extension(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("install-extension", help="install the SillyTavern extension into a SillyTavern folder")
+    p = sub.add_parser("install-extension", help="install the SillyTavern extension into a SillyTavern")
     p.add_argument("st_dir", metavar="ST_DIR", help="the SillyTavern folder (the one with server.js)")
     p.add_argument("--user", default="default-user", help="SillyTavern user to install for (default-user)")
     p.add_argument("--data-root", help="SillyTavern's data folder when it is not ST_DIR/data (e.g. Docker)")
@@ -294,7 +294,8 @@ def _add_pull(sub: argparse._SubParsersAction) -> None:
     which.add_argument("--file", help="the file to fetch (its sibling shards come along)")
     p.add_argument("--ctx", type=int, default=8192, help="context used to choose the quant (default 8192)")
     p.add_argument("--models-dir", help="where models go (default: the platform's data dir)")
-    p.add_argument("--load", action="store_true", help="load it into a running bridge when done")
+    p.add_argument("--load", action="store_true", help="load it into the bridge running here when done")
+    p.add_argument("--port", type=int, help="the running bridge's port, for --load (default: the config's)")
 
 
 def _run_pull(args: argparse.Namespace) -> int:
@@ -304,7 +305,7 @@ def _run_pull(args: argparse.Namespace) -> int:
     from .downloads import DownloadManager
     from .recommend import best_quant, quants
 
-    settings = load_settings(models_dir=args.models_dir)
+    settings = load_settings(models_dir=args.models_dir, port=args.port)
     quant, file = args.quant, args.file
     if not quant and not file:
         best = best_quant(quants(_catalog(args), args.repo, _machine_plain(), n_ctx=args.ctx))
@@ -339,20 +340,65 @@ class _ProgressLine:
 
 
 def _load_into_running_bridge(settings: Any, path: Any) -> None:
-    import urllib.request
+    """Ask the bridge on this machine (the settings' port) to load the new model, or say how to serve it."""
+    from pathlib import Path
 
     from .library import model_id
 
-    body = json.dumps({"model": model_id(path, settings.models_path)}).encode()
-    headers = {"Content-Type": "application/json", "Origin": settings.allowed_origins[0]}
-    url = f"http://127.0.0.1:{settings.port}/bridge/v1/load"
-    req = urllib.request.Request(url, data=body, method="POST", headers=headers)
+    base, serve_it = f"http://127.0.0.1:{settings.port}", f"st-bridge serve --model {path}"
     try:
-        with urllib.request.urlopen(req, timeout=600) as resp:
-            print(f"loaded: {resp.read().decode()[:200]}")
-    except OSError as exc:
-        raise BridgeError(f"downloaded, but no bridge answered on port {settings.port} to load it ({exc}); "
-                          f"start it with `st-bridge serve --model {path}`") from exc
+        status = _call_bridge(settings, f"{base}/bridge/v1/status")
+    except _NoBridge:
+        print(f"no bridge answers on 127.0.0.1:{settings.port}, so nothing was loaded; serve it with:\n"
+              f"  {serve_it}")
+        return
+    served = Path(status["models_dir"]).resolve()
+    if not Path(path).resolve().is_relative_to(served):
+        # The bridge loads only models in its own folder (ids, never paths, over HTTP).
+        print(f"the bridge on port {settings.port} serves models from {served}, not from where this one is; "
+              f"pull with --models-dir {served}, or restart it with:\n  {serve_it}")
+        return
+    model = model_id(Path(path).resolve(), served)
+    print(f"loading {model} into the bridge on port {settings.port} ...", file=sys.stderr)
+    reply = _call_bridge(settings, f"{base}/bridge/v1/load", {"model": model})
+    n_ctx = (reply.get("plan") or {}).get("n_ctx", "?")
+    print(f"loaded {reply.get('model') or model} into the bridge on port {settings.port} ({n_ctx} tokens)")
+
+
+class _NoBridge(Exception):
+    """Nothing listens on the bridge's port."""
+
+
+def _call_bridge(settings: Any, url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """GET (or POST `body` as JSON to) a local bridge; its error message becomes a BridgeError."""
+    import urllib.error
+    import urllib.request
+
+    headers = {"Accept": "application/json"}
+    if settings.api_key:
+        headers["Authorization"] = f"Bearer {settings.api_key}"
+    data = None
+    if body is not None:
+        # No Origin header: the bridge refuses only browser origins it does not know; Host is 127.0.0.1.
+        data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
+    request = urllib.request.Request(url, data=data, headers=headers, method="POST" if data else "GET")
+    try:
+        # A load reads the whole model from disk: minutes for a big one.
+        with urllib.request.urlopen(request, timeout=900) as reply:
+            return json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        raise BridgeError(f"the bridge on port {settings.port} answered {exc.code}: {_bridge_error(exc)}") \
+            from exc
+    except (urllib.error.URLError, ConnectionError) as exc:
+        raise _NoBridge(str(exc)) from exc
+
+
+def _bridge_error(exc: Any) -> str:
+    try:
+        error = json.loads(exc.read()).get("error")
+    except ValueError:
+        return str(exc.reason)
+    return error.get("message", str(error)) if isinstance(error, dict) else str(error or exc.reason)
 
 
 # --- catalog -----------------------------------------------------------------------------------------
@@ -362,7 +408,8 @@ def _add_catalog(sub: argparse._SubParsersAction) -> None:
     p.add_argument("action", nargs="?", choices=["list", "refresh"], default="list")
     p.add_argument("--repo", action="append", help="refresh only this repository (repeat)")
     p.add_argument("--author", action="append",
-                   help="also add GGUF repositories of this uploader (repeat)")
+                   help="add GGUF repositories of this uploader (repeat; default: trusted_uploaders)")
+    p.add_argument("--no-discover", action="store_true", help="add no repositories, refresh the known ones")
     p.add_argument("--no-headers", action="store_true", help="refresh sizes and sha256 only")
     p.add_argument("--data-dir", help="where the refreshed catalog is cached")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -377,16 +424,21 @@ def _run_catalog(args: argparse.Namespace) -> int:
 
     cat = _catalog(args)
     if args.action == "refresh":
-        data_dir = Path(args.data_dir) if args.data_dir else load_settings().data_dir
-        cat = catalog.refresh(cat, HubClient(), read_headers=not args.no_headers, repos=args.repo,
-                              authors=args.author, log=lambda m: print(m, file=sys.stderr))
-        print(f"saved {catalog.save_cache(cat, data_dir)}", file=sys.stderr)
+        settings = load_settings(data_dir=args.data_dir)
+        authors = [] if args.no_discover or args.repo else args.author or settings.trusted_uploaders
+        cat, changed = catalog.refresh_cache(
+            Path(settings.data_dir), HubClient(), authors=authors, read_headers=not args.no_headers,
+            repos=args.repo, log=lambda m: print(m, file=sys.stderr),
+        )
+        state = "updated" if changed else "unchanged"
+        print(f"catalog {state}, saved in {Path(settings.data_dir) / catalog.CACHE_NAME}", file=sys.stderr)
     if args.json:
         _print_json(cat.to_dict())
         return 0
     for m in cat.models:
         est = " (estimated)" if m.params_estimated else ""
-        print(f"{m.repo:48} {m.params_b:g}B{est}  {', '.join(f.quant for f in m.files)}")
+        found = "  [discovered]" if m.source == "discovered" else ""
+        print(f"{m.repo:48} {m.params_b:g}B{est}  {', '.join(f.quant for f in m.files)}{found}")
     print(f"\n{len(cat.models)} models, catalog: {cat.origin}")
     return 0
 

@@ -31,6 +31,8 @@ APP_NAME = "st-bridge"
 ENV_PREFIX = "ST_BRIDGE_"
 ST_ORIGINS = ["http://127.0.0.1:8000", "http://localhost:8000"]
 KvType = Literal["f16", "q8_0", "q4_0"]
+# Quantizers whose GGUF repositories a catalog refresh may add (the catalog's own come from the first ones).
+TRUSTED_UPLOADERS = ("bartowski", "mradermacher", "TheBloke", "QuantFactory", "lmstudio-community")
 
 
 def config_dir() -> Path:
@@ -69,6 +71,12 @@ class Settings(BaseSettings):
     )
     kv_type: KvType | None = Field(None, description="KV cache type (default: chosen by the planner)")
     flash_attn: bool | None = Field(None, description="flash attention (default: chosen by the planner)")
+    chat_memory_mib: int = Field(
+        1024, ge=0, description="RAM (MiB) for saved KV states of other chats, restored on return; 0 = off"
+    )
+    chat_memory_disk_mib: int = Field(
+        0, ge=0, description="disk (MiB, in <data_dir>/chat-memory) for states beyond the RAM budget"
+    )
     api_key: str | None = Field(None, description="require `Authorization: Bearer <key>` on every call")
     allowed_origins: list[str] = Field(
         default_factory=lambda: list(ST_ORIGINS),
@@ -76,6 +84,12 @@ class Settings(BaseSettings):
     )
     max_body_mb: float = Field(8.0, gt=0, description="largest request body accepted, in MB")
     max_queue: int = Field(16, ge=0, description="generations that may wait; more get 503 + Retry-After")
+    catalog_refresh: bool = Field(True, description="refresh the model catalog from the Hub while serving")
+    catalog_ttl_hours: float = Field(24.0, gt=0, description="hours a refreshed catalog stays fresh")
+    trusted_uploaders: list[str] = Field(
+        default_factory=lambda: list(TRUSTED_UPLOADERS),
+        description="Hub uploaders whose most downloaded GGUF repositories a refresh adds to the catalog",
+    )
 
     @field_validator("api_key")
     @classmethod

@@ -26,6 +26,8 @@ from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_st
 from . import gguf
 from .errors import Forbidden, HubUnavailable, ModelFileError, NotFound
 
+PING_TIMEOUT_S = 5.0
+
 
 @dataclass(frozen=True)
 class RemoteFile:
@@ -83,13 +85,24 @@ class HubClient:
     def commit(self, repo: str) -> str:
         return self._commits.get(repo, "main")
 
-    def list_gguf_repos(self, authors: list[str]) -> list[str]:
-        """GGUF model repositories published by these uploaders."""
-        repos: list[str] = []
-        for author in authors:
-            with hub_errors(f"models of {author}"):
-                repos += [m.id for m in self.api.list_models(author=author, search="gguf")]
-        return repos
+    def list_gguf_repos(self, author: str, limit: int) -> list[str]:
+        """The `limit` most downloaded GGUF model repositories of one uploader, most downloaded first."""
+        with hub_errors(f"models of {author}"):
+            found = self.api.list_models(author=author, filter="gguf", sort="downloads", limit=limit)
+            return [m.id for m in found]
+
+    def ping(self, timeout: float = PING_TIMEOUT_S) -> None:
+        """One cheap call that raises `HubUnavailable` when the Hub cannot be reached (offline, or down).
+
+        huggingface_hub's list and download calls retry a dead network for half a minute; asking once
+        with a short timeout first lets a background refresh give up at once when offline.
+        """
+        headers = build_hf_headers(token=self.token)
+        with hub_errors("catalog refresh"):
+            response = get_session().get(
+                f"{self.endpoint}/api/models", params={"limit": 1}, headers=headers, timeout=timeout
+            )
+            hf_raise_for_status(response)
 
     def url(self, repo: str, path: str, revision: str | None = None) -> str:
         return hf_hub_url(repo, path, revision=revision or self.commit(repo), endpoint=self.endpoint)

@@ -61,6 +61,8 @@ export class BridgeClient {
     async request(method, path, body = undefined, { timeoutMs = DEFAULT_TIMEOUT_MS, signal } = {}) {
         const url = `${this.baseUrl}${API_PREFIX}${path}`;
         const headers = this.headers();
+        // The bridge accepts changes only as JSON (a plain form post from any web page must not pass).
+        if (method !== 'GET' && body === undefined) body = {};
         if (body !== undefined) headers['Content-Type'] = 'application/json';
         const timeout = AbortSignal.timeout(timeoutMs);
         const combined = signal ? AbortSignal.any([signal, timeout]) : timeout;
@@ -102,7 +104,7 @@ export class BridgeClient {
     }
     /** @param {{model: string, ctx?: number}} body */
     load(body) { return this.request('POST', '/load', body, { timeoutMs: 600000 }); }
-    unload() { return this.request('POST', '/unload', {}); }
+    unload() { return this.request('POST', '/unload'); }
     downloads() { return this.request('GET', '/downloads'); }
     /** @param {{repo: string, file: string}} body */
     startDownload(body) { return this.request('POST', '/downloads', body); }

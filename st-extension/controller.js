@@ -337,15 +337,15 @@ function normalizeQuant(q) {
 }
 
 /**
- * The bridge's quants in its order; a quant it lists as not downloaded that is present locally under
- * another name (e.g. copied into the models folder by hand) takes the local id; local quants the bridge
- * does not list are added.
+ * The bridge's quants in its order. Where a file of the same name family as the loaded model holds that
+ * quant (e.g. copied into the models folder by hand), its id wins, so the loaded model's own chip is the
+ * active one even when a downloaded copy exists too; local quants the bridge does not list are added.
  * @param {ReturnType<typeof normalizeQuant>[]} remote
  * @param {ReturnType<typeof normalizeQuant>[]} local
  */
 function mergeQuants(remote, local) {
     const byQuant = new Map(local.map((q) => [q.quant, q]));
-    const merged = remote.map((q) => (q.id || !byQuant.has(q.quant) ? q : { ...q, id: byQuant.get(q.quant).id, local: true }));
+    const merged = remote.map((q) => (byQuant.has(q.quant) ? { ...q, id: byQuant.get(q.quant).id, local: true } : q));
     const listed = new Set(merged.map((q) => q.quant));
     return [...merged, ...local.filter((q) => !listed.has(q.quant))];
 }
@@ -399,3 +399,4 @@ EVENT_HANDLERS.loading = EVENT_HANDLERS.load_progress;
 EVENT_HANDLERS.ready = EVENT_HANDLERS.model_loaded;
 EVENT_HANDLERS.download_error = EVENT_HANDLERS.download_progress;
 EVENT_HANDLERS.download_cancelled = EVENT_HANDLERS.download_progress;
+EVENT_HANDLERS.models_changed = EVENT_HANDLERS.model_loaded; // a file added to or removed from the models dir

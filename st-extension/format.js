@@ -52,7 +52,7 @@ export function formatCtx(tokens) {
 export function formatBytes(bytes) {
     const n = Number(bytes) || 0;
     if (n >= K ** 3) return `${(n / K ** 3).toFixed(n >= 10 * K ** 3 ? 0 : 1)} GB`;
-    if (n >= K ** 2) return `${Math.round(n / K ** 2)} MB`;
+    if (n >= K ** 2) return `${(n / K ** 2).toFixed(n >= 10 * K ** 2 ? 0 : 1)} MB`;
     return `${Math.round(n / K)} KB`;
 }
 
@@ -135,7 +135,8 @@ export function statusLine(status) {
  */
 export function nowUsingText(status) {
     const { model, quant, nCtx } = describeStatus(status);
-    const name = quant ? `${baseOf(model)} ${quant}` : model;
+    const short = model.split('/').pop() ?? model; // downloaded models live under owner/repo/
+    const name = quant ? `${baseOf(short)} ${quant}` : short;
     return `Now using ${name}, ${formatCtx(nCtx)} context`;
 }
 

@@ -37,7 +37,7 @@ async def bridge(aiohttp_client: Any, fake_hub: Any, tmp_path, monkeypatch) -> A
     monkeypatch.setenv("ST_BRIDGE_CONFIG", str(tmp_path / "no-config.toml"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     fake_hub.add_file(REPO, FILE, b"GGUF" + os.urandom(SIZE - 4), tmp_dir=tmp_path / "hub")
-    settings = Settings(data_dir=tmp_path / "data")
+    settings = Settings(data_dir=tmp_path / "data", catalog_refresh=False)  # test_catalog_refresh.py does it
     app = create_app(settings, engine=FakeEngine())
     add_routes(app)  # a no-op once the app factory adds them itself
     client = await aiohttp_client(app)

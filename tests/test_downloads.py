@@ -170,3 +170,58 @@ def test_pickle_only_and_gptq_repositories_are_refused_with_the_reason(fake_hub,
         mgr.pull("old/pickled", quant="Q4_K_M")
     with pytest.raises(ModelFileError, match=r"GPTQ.*GGUF"):
         mgr.pull("TheBloke/Some-13B-GPTQ", quant="Q4_K_M")
+
+
+@pytest.fixture
+def pull_env(fake_hub, tmp_path, monkeypatch, tiny_model):
+    """The fake Hub holding the tiny model as a repository, no user config, an HF cache of our own."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("ST_BRIDGE_CONFIG", str(tmp_path / "no-config.toml"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    fake_hub.add_file("tiny/Tiny-Llama-GGUF", "tiny-llama.Q8_0.gguf", tiny_model)
+    return fake_hub
+
+
+def test_pull_load_asks_the_running_bridge_to_load_it(pull_env, start_bridge, tmp_path, capsys):
+    from bridge import cli
+
+    models = tmp_path / "served-models"
+    models.mkdir()
+    server = start_bridge(models=models, wait=("empty",))
+    code = cli.main(["pull", "tiny/Tiny-Llama-GGUF", "--file", "tiny-llama.Q8_0.gguf",
+                     "--models-dir", str(models), "--port", str(server.port), "--load"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    model_id = "tiny/Tiny-Llama-GGUF/tiny-llama.Q8_0"
+    assert f"loaded {model_id} into the bridge on port {server.port}" in out
+    status = server.status()
+    assert status["state"] == "ready" and status["model"] == model_id
+
+
+def test_pull_load_without_a_bridge_says_how_to_serve_it(pull_env, tmp_path, capsys):
+    from bridge import cli
+    from tests.fixtures.server import free_port
+
+    models = tmp_path / "models"
+    code = cli.main(["pull", "tiny/Tiny-Llama-GGUF", "--file", "tiny-llama.Q8_0.gguf",
+                     "--models-dir", str(models), "--port", str(free_port()), "--load"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    path = models / "tiny/Tiny-Llama-GGUF/tiny-llama.Q8_0.gguf"
+    assert path.is_file()
+    assert "no bridge answers" in out and f"st-bridge serve --model {path}" in out
+
+
+def test_pull_load_into_a_bridge_with_another_models_dir_says_where(pull_env, start_bridge, tmp_path, capsys):
+    from bridge import cli
+
+    served, elsewhere = tmp_path / "served", tmp_path / "elsewhere"
+    served.mkdir()
+    server = start_bridge(models=served, wait=("empty",))
+    code = cli.main(["pull", "tiny/Tiny-Llama-GGUF", "--file", "tiny-llama.Q8_0.gguf",
+                     "--models-dir", str(elsewhere), "--port", str(server.port), "--load"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"serves models from {served.resolve()}" in out and f"--models-dir {served.resolve()}" in out
+    assert server.status()["state"] == "empty"

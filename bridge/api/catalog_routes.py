@@ -13,28 +13,38 @@
 Handlers only translate: the logic is in `bridge.recommend`, `bridge.downloads` and `bridge.library`.
 Download events (`download_progress`, `download_done`, `download_error`, `download_cancelled`) go to the
 app's event bus, so `GET /bridge/v1/events` streams them.
+
+While serving, the catalog refreshes itself in the background (`refresh_in_background`, setting
+`catalog_refresh`): when the cached catalog is older than `catalog_ttl_hours` and the Hub answers, sizes
+and sha256 are taken from the Hub and trusted uploaders' repositories are added; a change is announced as
+`catalog_updated`. Offline, one log line says so and the bundled (or cached) catalog keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
 
 from .. import catalog, library, recommend
 from ..downloads import DownloadManager
-from ..errors import BadRequest, Conflict
+from ..errors import BadRequest, Conflict, HubUnavailable
 from ..events import EventBus
 from ..hardware import HardwareReport, probe
 from ..hub import HubClient
 from . import BUS_KEY, MANAGER_KEY, SETTINGS_KEY
 
+log = logging.getLogger(__name__)
+
 DOWNLOADS_KEY = web.AppKey("downloads", DownloadManager)
 # The hardware probe: NVML and llama_cpp are its boundary, so tests may hand in a fixed report instead.
 PROBE_KEY: web.AppKey[Callable[[], HardwareReport]] = web.AppKey("hardware_probe")
 LOOP_KEY = web.AppKey("downloads_loop", dict)
+REFRESH_KEY = web.AppKey("catalog_refresh", asyncio.Task)
 
 routes = web.RouteTableDef()
 
@@ -51,6 +61,7 @@ def add_routes(app: web.Application) -> None:
     )
     app[PROBE_KEY] = probe
     app.on_startup.append(_remember_loop)
+    app.cleanup_ctx.append(refresh_in_background)
     app.add_routes(routes)
 
 
@@ -67,6 +78,62 @@ def _publisher(bus: EventBus, holder: dict[str, asyncio.AbstractEventLoop]) -> C
             loop.call_soon_threadsafe(bus.publish, name, data)
 
     return publish
+
+
+# --- catalog refresh while serving --------------------------------------------------------------------
+
+
+async def refresh_in_background(app: web.Application) -> AsyncIterator[None]:
+    """Start a catalog refresh beside the server (never before it answers); stop it when the app stops."""
+    if not app[SETTINGS_KEY].catalog_refresh:
+        yield
+        return
+    stop = threading.Event()
+    app[REFRESH_KEY] = asyncio.create_task(_refresh_when_stale(app, stop))
+    yield
+    # The refresh runs in a thread that cannot be interrupted mid-request: `stop` makes it skip the rest.
+    stop.set()
+    app[REFRESH_KEY].cancel()
+    await asyncio.gather(app[REFRESH_KEY], return_exceptions=True)
+
+
+async def _refresh_when_stale(app: web.Application, stop: threading.Event) -> None:
+    settings = app[SETTINGS_KEY]
+    if not await asyncio.to_thread(catalog.is_stale, settings.data_dir, settings.catalog_ttl_hours * 3600):
+        return
+    try:
+        cat, changed = await asyncio.to_thread(_refresh_catalog, settings, stop)
+    except HubUnavailable as exc:
+        log.info("catalog not refreshed, the bundled or cached one serves: %s", exc.message)
+        return
+    if changed:
+        discovered = [m.repo for m in cat.models if m.source == "discovered"]
+        app[BUS_KEY].publish(
+            "catalog_updated",
+            {"origin": cat.origin, "refreshed_at": cat.refreshed_at, "models": len(cat.models),
+             "discovered": discovered},
+        )  # fmt: skip
+
+
+def _refresh_catalog(settings: Any, stop: threading.Event) -> tuple[catalog.Catalog, bool]:
+    """Sizes and sha256 of every file, and one header of each discovered model (each full header read
+    costs megabytes, so reading all of them is left to `st-bridge catalog refresh`)."""
+    hub = HubClient()
+    hub.ping()  # offline: one quick failure instead of one slow one per repository
+    kept: list[str] = []
+    cat, changed = catalog.refresh_cache(
+        settings.data_dir, hub, authors=settings.trusted_uploaders, read_headers=False, log=kept.append,
+        stop=stop,
+    )  # fmt: skip
+    if stop.is_set():
+        return cat, False
+    for message in kept:
+        log.debug("catalog refresh: %s", message)
+    log.info(
+        "catalog refreshed from %s: %d models (%d could not be read)%s",
+        hub.endpoint, len(cat.models), len(kept), "" if changed else ", nothing changed",
+    )  # fmt: skip
+    return cat, changed
 
 
 # --- catalog and recommendations ---------------------------------------------------------------------

@@ -142,6 +142,9 @@ class ModelManager:
             n_gpu_layers=plan["n_gpu_layers"],
             kv_type=plan["kv_type"],
             flash_attn=plan["flash_attn"],
+            chat_memory_mib=self.settings.chat_memory_mib,
+            chat_memory_disk_mib=self.settings.chat_memory_disk_mib,
+            chat_memory_dir=str(self.settings.data_dir / "chat-memory"),
         )
         requested = {key: value for key, value in overrides.items() if value is not None}
         # A client that gives up waiting must not cancel a load half-way: it runs as its own task.
@@ -362,10 +365,10 @@ async def status(request: web.Request) -> web.Response:
 
 @routes.get("/bridge/v1/hardware")
 async def hardware(request: web.Request) -> web.Response:
-    from ..hardware import probe  # imports llama_cpp and NVML: only when asked
+    from ..hardware import probe, report_to_dict  # imports llama_cpp and NVML: only when asked
 
     report = await asyncio.to_thread(probe)
-    return web.json_response(dataclasses.asdict(report))
+    return web.json_response(report_to_dict(report))
 
 
 @routes.get("/bridge/v1/models")

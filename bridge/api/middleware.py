@@ -78,7 +78,8 @@ def error_response(
     **details: Any,
 ) -> web.Response:
     body = error_body(dialect_of(request.path), status, code, message, **details)
-    return web.json_response(body, status=status, headers=headers)
+    # Errors skip the CORS middleware (they unwind past it), yet the panel must read their message.
+    return web.json_response(body, status=status, headers=cors_headers_for(request) | (headers or {}))
 
 
 @web.middleware

@@ -104,6 +104,7 @@ class GenerationResult:
     tokens_cached: int = 0  # prompt tokens reused from the KV cache (not evaluated again)
     timings: Timings = field(default_factory=Timings)
     error: str | None = None
+    cache_restored: bool = False  # a saved state of this chat was brought back (chat_memory.py)
 
     @property
     def finish_reason(self) -> str:
@@ -123,6 +124,11 @@ class LoadSpec:
     n_ubatch: int = 512
     n_batch: int = 2048
     n_threads: int | None = None
+    # Per-chat memory (chat_memory.py): saved KV states of other chats, in MiB of RAM (0 = off) and of
+    # disk in `chat_memory_dir` (0 or no folder = RAM only).
+    chat_memory_mib: int = 1024
+    chat_memory_disk_mib: int = 0
+    chat_memory_dir: str | None = None
 
 
 @dataclass

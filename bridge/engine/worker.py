@@ -16,7 +16,8 @@ The server starts `run(conn, spec)` in a spawned process and talks to it over a 
 Generation is `llama_decode` plus llama.cpp's native sampler chain; only each new token becomes text
 (`llama_token_to_piece`), so the cost per token does not grow with the reply. The KV cache stays between
 requests and a new prompt evaluates only what the cache lacks (`reuse.py`); between requests the reply is
-re-spelled as the tokenizer would spell it (`Runner.settle`).
+re-spelled as the tokenizer would spell it (`Runner.settle`). A prompt from another chat first saves the
+cached conversation's state and restores the saved one that serves it best (`chat_memory.py`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import llama_cpp
 import numpy as np
 
 from bridge.engine import llama_log
+from bridge.engine.chat_memory import MIB, MIN_WORTH, ChatMemory, leaves
 from bridge.engine.reuse import common_prefix, plan_reuse
 from bridge.engine.sampling import Chain, build_chain
 from bridge.engine.stops import StopScanner
@@ -92,6 +94,11 @@ class Runner:
         self.eog = [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)]
         self._one = (llama_cpp.llama_token * 1)()
         self._piece_buf = ctypes.create_string_buffer(256)
+        self.memory = ChatMemory(self.spec.chat_memory_mib * MIB, self.spec.chat_memory_disk_mib * MIB,
+                                 self.spec.chat_memory_dir)
+        # A shift moves positions at once but re-rotates the keys only at the next decode, and a saved
+        # state holds positions, not pending rotations: no saving in between.
+        self._shift_pending = False
 
     # ---- loading -------------------------------------------------------------------------------------
 
@@ -134,6 +141,7 @@ class Runner:
         }
 
     def close(self) -> None:
+        self.memory.close()
         llama_cpp.llama_free(self.ctx)
         llama_cpp.llama_model_free(self.model)
 
@@ -169,6 +177,7 @@ class Runner:
             ok = llama_cpp.llama_memory_seq_rm(self.mem, 0, start, end)
             if ok:
                 llama_cpp.llama_memory_seq_add(self.mem, 0, end, -1, -plan.dropped)
+                self._shift_pending = True
                 self.cached = self.cached[:start] + self.cached[end:end + plan.shifted]
         else:
             self.cached = self.cached[:plan.prefix]
@@ -212,6 +221,47 @@ class Runner:
             self._decode(chunk)
             self.cached.extend(chunk)
 
+    # ---- per-chat memory ---------------------------------------------------------------------------
+
+    def switch_chat(self, tokens: list[int]) -> bool:
+        """Before `load_prompt`: save the cached conversation when the prompt leaves it, and restore the
+        saved one that serves the prompt better than the cache does. True when one was restored."""
+        if not self.memory.enabled:
+            return False
+        plan = plan_reuse(self.cached, tokens, can_shift=self.can_shift)
+        match = self.memory.best(tokens, can_shift=self.can_shift, better_than=plan.reused + MIN_WORTH)
+        # Out of the store before the cache goes in, so that saving the cache never evicts the match.
+        saved = self.memory.take(match.key) if match is not None else None
+        # A match serves MIN_WORTH more tokens than the cache, so the prompt has that many new ones: the
+        # cache is saved whenever it has an end of its own to lose.
+        if leaves(plan, len(self.cached), len(tokens)):
+            self._save_chat()
+        return match is not None and self._restore_chat(saved)
+
+    def _save_chat(self) -> None:
+        if self._shift_pending or len(self.cached) < MIN_WORTH:
+            return
+        size = llama_cpp.llama_state_seq_get_size(self.ctx, 0)
+        if not self.memory.fits(size):
+            return
+        data = bytearray(size)
+        written = llama_cpp.llama_state_seq_get_data(self.ctx, _bytes(data), size, 0)
+        if written:
+            self.memory.put(self.cached, data if written == size else data[:written])
+
+    def _restore_chat(self, saved: tuple[list[int], bytearray] | None) -> bool:
+        llama_cpp.llama_memory_seq_rm(self.mem, 0, -1, -1)
+        self.cached = []
+        if saved is None:
+            return False
+        tokens, data = saved
+        read = llama_cpp.llama_state_seq_set_data(self.ctx, _bytes(data), len(data), 0)
+        if not read or llama_cpp.llama_memory_seq_pos_max(self.mem, 0) != len(tokens) - 1:
+            llama_cpp.llama_memory_clear(self.mem, True)  # refused or half read: start over
+            return False
+        self.cached = tokens
+        return True
+
     def tokenize_text(self, text: str, add_bos: bool) -> list[int]:
         add_bos = add_bos and bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         return tokenize(self.vocab, text.encode("utf-8"), add_bos)
@@ -225,6 +275,7 @@ class Runner:
                             eog_tokens=self.eog)
         try:
             t0 = time.perf_counter()
+            restored = self.switch_chat(tokens)
             reused = self.load_prompt(tokens, cancelled, progress)
             t1 = time.perf_counter()
             chain.accept_history(tokens)
@@ -234,6 +285,7 @@ class Runner:
             chain.free()
         result.tokens_evaluated = len(tokens)
         result.tokens_cached = reused
+        result.cache_restored = restored
         result.timings = Timings(prompt_n=len(tokens) - reused, prompt_ms=(t1 - t0) * 1000,
                                  predicted_n=result.tokens_predicted, predicted_ms=(t2 - t1) * 1000)
         return result
@@ -307,9 +359,15 @@ class Runner:
         else:
             array = (llama_cpp.llama_token * len(tokens))(*tokens)
         rc = llama_cpp.llama_decode(self.ctx, llama_cpp.llama_batch_get_one(array, len(tokens)))
+        self._shift_pending = False
         if rc != 0:
             detail = "; ".join(llama_log.recent(2))
             raise RuntimeError(f"llama_decode failed ({rc}){': ' + detail if detail else ''}")
+
+
+def _bytes(data: bytearray) -> ctypes.Array[ctypes.c_uint8]:
+    """A bytearray as the uint8 buffer llama.cpp reads or writes, without a copy."""
+    return (ctypes.c_uint8 * len(data)).from_buffer(data)
 
 
 def _gpu_layers(spec: LoadSpec) -> int:

@@ -29,6 +29,9 @@ def show_panel(stage: Stage) -> None:
     if not page.is_visible("#st_bridge_connect"):
         page.click("#extensions-settings-button .drawer-toggle")
         page.wait_for_selector("#st_bridge_connect", state="visible")
+    # ST slides its drawers open; a click during the slide can land beside its target.
+    stage.browser.wait_js("() => !$(':animated').length"
+                          " && document.getAnimations().every(a => a.playState !== 'running')")
 
 
 def use_in_sillytavern(stage: Stage) -> None:

@@ -18,9 +18,11 @@ def test_use_in_sillytavern_fills_the_connection_and_goes_online(stage: Stage) -
     use_in_sillytavern(stage)
 
     fields = page.js("""() => ({
-        mainApi: $('#main_api').val(), type: $('#textgen_type').val(), url: $('#koboldcpp_api_url_text').val(),
+        mainApi: $('#main_api').val(), type: $('#textgen_type').val(),
+        url: $('#koboldcpp_api_url_text').val(),
         streaming: $('#streaming_textgenerationwebui').prop('checked'), tokenizer: $('#tokenizer').val(),
-        maxContext: SillyTavern.getContext().maxContext, shown: $('#textgenerationwebui_api .online_status_text').text(),
+        maxContext: SillyTavern.getContext().maxContext,
+        shown: $('#textgenerationwebui_api .online_status_text').text(),
     })""")
     assert fields["mainApi"] == "textgenerationwebui"
     assert fields["type"] == "koboldcpp"
@@ -29,8 +31,8 @@ def test_use_in_sillytavern_fills_the_connection_and_goes_online(stage: Stage) -
     assert fields["tokenizer"] == "6"  # "API (WebUI / koboldcpp)": token counts come from the bridge
     assert fields["maxContext"] == status["n_ctx"] == BRIDGE_CTX
     assert status["model"] in fields["shown"]
-    toast = page.page.locator("#toast-container .toast-success").last
-    assert "Now using tiny-llama Q8_0, 4k context" in toast.inner_text()
+    toast = "Now using tiny-llama Q8_0, 4k context"
+    page.page.locator("#toast-container .toast-success", has_text=toast).wait_for()
     page.screenshot("connected")
 
     # ST saved what the extension set: it survives a reload.
@@ -45,7 +47,8 @@ def test_a_chat_message_gets_a_reply_streamed_from_the_bridge(stage: Stage) -> N
     page = stage.browser
     ensure_connected(stage)
     page.js("() => SillyTavern.getContext().selectCharacterById(0)")
-    page.wait_js("() => SillyTavern.getContext().characterId !== undefined && $('#send_textarea').is(':visible')")
+    page.wait_js("() => SillyTavern.getContext().characterId !== undefined"
+                 " && $('#send_textarea').is(':visible')")
     page.wait_js("() => SillyTavern.getContext().chat.length >= 1")  # the character's greeting
     page.js("""() => {
         const c = SillyTavern.getContext();
@@ -54,7 +57,8 @@ def test_a_chat_message_gets_a_reply_streamed_from_the_bridge(stage: Stage) -> N
         c.eventSource.on(c.eventTypes.STREAM_TOKEN_RECEIVED, () => { window.__streamed += 1; });
         c.eventSource.on(c.eventTypes.GENERATION_ENDED, () => { window.__ended = true; });
     }""")
-    with page.page.expect_request(lambda r: r.url.endswith("/api/backends/text-completions/generate")) as sent:
+    generate = "/api/backends/text-completions/generate"
+    with page.page.expect_request(lambda r: r.url.endswith(generate)) as sent:
         page.page.fill("#send_textarea", "Hello there, tell me a story.")
         page.page.click("#send_but")
     body = sent.value.post_data_json

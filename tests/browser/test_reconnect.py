@@ -31,8 +31,8 @@ def test_a_quant_swap_from_the_panel_reconnects_sillytavern_exactly_once(stage: 
     assert page.js("() => SillyTavern.getContext().maxContext") == BRIDGE_CTX
     assert target in page.js("() => $('#textgenerationwebui_api .online_status_text').text()")
     quant = target.rsplit("-", 1)[1]
-    toast = page.page.locator("#toast-container .toast-success").last
-    assert f"Now using tiny-llama {quant}, 4k context" in toast.inner_text()
+    toast = f"Now using tiny-llama {quant}, 4k context"
+    page.page.locator("#toast-container .toast-success", has_text=toast).wait_for()
     assert page.page.locator("#st_bridge_quants .st-bridge-chip.active").inner_text().startswith(quant)
     page.screenshot("quant-swapped")
 
