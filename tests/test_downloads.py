@@ -191,8 +191,8 @@ def test_pull_load_asks_the_running_bridge_to_load_it(pull_env, start_bridge, tm
     server = start_bridge(models=models, wait=("empty",))
     code = cli.main(["pull", "tiny/Tiny-Llama-GGUF", "--file", "tiny-llama.Q8_0.gguf",
                      "--models-dir", str(models), "--port", str(server.port), "--load"])  # fmt: skip
-    out = capsys.readouterr().out
-    assert code == 0, out
+    out, err = capsys.readouterr()
+    assert code == 0, err
     model_id = "tiny/Tiny-Llama-GGUF/tiny-llama.Q8_0"
     assert f"loaded {model_id} into the bridge on port {server.port}" in out
     status = server.status()
