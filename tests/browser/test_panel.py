@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tests.browser.steps import show_panel, wait_bridge_state
 from tests.fixtures.sillytavern import Stage
 
 pytestmark = pytest.mark.browser
+
+
+def without_free_figures(summary: str) -> str:
+    return re.sub(r"\([\d.]+ GB free\)", "(free)", summary)
 
 
 def test_the_panel_shows_the_hardware_and_the_loaded_model(stage: Stage) -> None:
@@ -19,12 +25,8 @@ def test_the_panel_shows_the_hardware_and_the_loaded_model(stage: Stage) -> None
     page.wait_js("() => document.querySelector('#st_bridge_hardware').textContent.length > 0")
 
     shown = page.page.locator("#st_bridge_hardware").inner_text()
-    if "summary" in hardware:
-        assert shown == hardware["summary"]
-    else:  # a bridge that sends only the fields: the panel writes the line itself
-        gpus = " + ".join(g["name"] for g in hardware["gpus"]) or "No NVIDIA GPU"
-        assert shown.startswith(gpus)
-        assert f"{round(hardware['ram_total_mib'] / 1024)} GB RAM" in shown
+    # The panel's probe and this one ran at different moments: free memory may differ, nothing else.
+    assert without_free_figures(shown) == without_free_figures(hardware["summary"])
     assert page.page.locator("#st_bridge_model_name").inner_text() == status["model"]
     details = page.page.locator("#st_bridge_model_details").inner_text()
     quant = status["model"].rsplit("-", 1)[1]
