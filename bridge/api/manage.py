@@ -71,7 +71,11 @@ class ModelManager:
                 f'no model is loaded: POST /bridge/v1/load {{"model": "{ids[0]}"}} or restart with '
                 f"`st-bridge serve --model {ids[0]}` (models here: {', '.join(ids[:5])})"
             )
-        return f"no model is loaded: {where}, then `st-bridge serve --model <file name>`"
+        return (
+            "no model is loaded: `st-bridge recommend` shows what fits this machine and "
+            "`st-bridge pull REPO --load` fetches and loads it (or press Recommend model in SillyTavern's "
+            f"st-bridge panel); or {where}, then `st-bridge serve --model <file name>`"
+        )
 
     def status_dict(self) -> dict[str, Any]:
         status = self.engine.status()
