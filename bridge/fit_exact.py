@@ -145,7 +145,7 @@ def _context_request(layout: ModelLayout, params: FitParams) -> dict[str, int]:
         "n_ctx": params.n_ctx or att.n_ctx, "n_ubatch": att.n_ubatch, "n_seq": att.n_seq,
         "n_batch": max(params.n_batch, att.n_ubatch),
         "type_k": KV_TYPE_IDS[att.type_k], "type_v": KV_TYPE_IDS[att.type_v],
-        "flash_attn": FLASH_ATTN_IDS[params.flash_attn],
+        "flash_attn": FLASH_ATTN_IDS[params.flash_attn], "swa_full": int(params.swa_full),
     }
 
 
@@ -253,6 +253,7 @@ def _dry_run(request: dict[str, Any]) -> bool:
         cp.n_seq_max = int(settings["n_seq"])
         cp.type_k, cp.type_v = int(settings["type_k"]), int(settings["type_v"])
         cp.flash_attn_type = int(settings["flash_attn"])
+        cp.swa_full = bool(settings.get("swa_full", 0))  # the C API defaults to a full-size window cache
         ctx = llama_cpp.llama_init_from_model(model, cp)
         if not ctx:
             return False

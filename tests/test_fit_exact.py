@@ -26,7 +26,7 @@ SETTINGS = [
     FitParams(n_ctx=32768, flash_attn="auto", kv_type_k="q8_0"),
     FitParams(n_ctx=2048, n_ubatch=128, flash_attn="on", kv_type_k="q4_0"),
 ]
-SPARSE_LOADABLE = ["llama31-8b", "mistral-7b", "mixtral-8x7b"]
+SPARSE_LOADABLE = ["llama31-8b", "mistral-7b", "mixtral-8x7b", "gemma2-9b"]
 
 
 def _agree(path: Path, settings: list[FitParams]) -> None:
@@ -41,6 +41,17 @@ def _agree(path: Path, settings: list[FitParams]) -> None:
 @pytest.mark.parametrize("key", SPARSE_LOADABLE)
 def test_sparse_models_agree(sparse_model, key: str) -> None:
     _agree(sparse_model(key), SETTINGS)
+
+
+def test_sliding_window_cache_agrees_windowed_and_full(sparse_model) -> None:
+    """Gemma-2's sliding-window layers keep the window plus a ubatch unless the full cache is asked for."""
+    path = sparse_model("gemma2-9b")
+    for full in (False, True):
+        params = FitParams(n_ctx=8192, swa_full=full)
+        exact, planned = measure(path, params), memory_breakdown(read_file(path), params)
+        assert exact.host.kv_mib == pytest.approx(planned.host.kv_mib, rel=0.01)
+    windowed = measure(path, FitParams(n_ctx=8192)).host.kv_mib
+    assert windowed < measure(path, FitParams(n_ctx=8192, swa_full=True)).host.kv_mib * 0.8
 
 
 def test_tiny_and_1b_models_agree(tiny_model: Path, model_1b: Path) -> None:

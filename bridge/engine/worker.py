@@ -91,6 +91,7 @@ class Runner:
         self.n_ubatch = llama_cpp.llama_n_ubatch(self.ctx)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.can_shift = bool(llama_cpp.llama_memory_can_shift(self.mem))
+        self.n_swa = int(llama_cpp.llama_model_n_swa(self.model))
         self.eog = [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)]
         self._one = (llama_cpp.llama_token * 1)()
         self._piece_buf = ctypes.create_string_buffer(256)
@@ -180,6 +181,7 @@ class Runner:
                 self._shift_pending = True
                 self.cached = self.cached[:start] + self.cached[end:end + plan.shifted]
         else:
+            ok = self._window_holds(plan.prefix)
             self.cached = self.cached[:plan.prefix]
         ok = ok and llama_cpp.llama_memory_seq_rm(self.mem, 0, len(self.cached), -1)
         if not ok:  # this memory cannot drop a partial range: start over
@@ -195,6 +197,15 @@ class Runner:
             if progress is not None:
                 progress(at + len(chunk), len(rest))
         return reused
+
+    def _window_holds(self, prefix: int) -> bool:
+        """Whether a sliding-window cache still holds what continuing after `prefix` attends to.
+
+        The window cache keeps only the last window of positions (plus a ubatch), as llama-server does
+        and as the planner sizes it: going back further than that needs the whole prompt again."""
+        if not self.n_swa or prefix >= len(self.cached):
+            return True
+        return llama_cpp.llama_memory_seq_pos_min(self.mem, 0) <= max(prefix - self.n_swa, 0)
 
     def settle(self, text: str, add_bos: bool, idle: Any) -> None:
         """While the user reads and types: make the cache hold `text` (prompt + reply) as the tokenizer
@@ -407,6 +418,9 @@ def _new_context(model: llama_cpp.llama_model_p, spec: LoadSpec) -> llama_cpp.ll
         raise LoadFailed(f"unknown KV cache type {spec.kv_type!r}: use one of {', '.join(KV_TYPES)}")
     params.type_k = params.type_v = KV_TYPES[kv]
     params.flash_attn_type = FLASH_ATTN[spec.flash_attn]
+    # Sliding-window layers keep only their window (llama-server's default, and what the planner
+    # sizes): the C API's default is a full-size cache, up to several GB more for Gemma models.
+    params.swa_full = False
     ctx = llama_cpp.llama_init_from_model(model, params)
     if not ctx:
         raise LoadFailed(_reason(f"llama.cpp could not create a {params.n_ctx}-token context "
