@@ -9,15 +9,18 @@ Layout of this module, top to bottom:
   1. settings (`FitParams`) and the model's per-layer byte table (`ModelLayout`);
   2. placement: which device holds each layer (llama.cpp's `-ngl` and multi-GPU split rules);
   3. the KV cache, the compute buffers and the fixed overheads;
-  4. `memory_breakdown`: MiB per device for one configuration;
+  4. `memory_breakdown`: MiB per device for one configuration, worked out by `LayerTable` from per-layer
+     figures computed once per model, so the searches of section 5 stay cheap over a whole catalog;
   5. `plan`: the search over GPU layers, KV type and context, and the verdict with its reason.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
+from itertools import accumulate
 
 from gguf.constants import GGMLQuantizationType as Q
 
@@ -261,9 +264,17 @@ def kv_widths(info: ModelInfo, il: int) -> tuple[int, int]:
 
 def kv_layer_bytes(info: ModelInfo, att: Attention, il: int) -> float:
     """K and V of one layer. Without flash attention V is stored transposed at the widest layer's width."""
+    return _kv_layer_bytes(info, att, il, 0 if att.flash_attn else _widest_v(info))
+
+
+def _widest_v(info: ModelInfo) -> int:
+    return max((kv_widths(info, j)[1] for j in range(info.n_layer)), default=0)
+
+
+def _kv_layer_bytes(info: ModelInfo, att: Attention, il: int, widest_v: int) -> float:
     w_k, w_v = kv_widths(info, il)
     if w_v and not att.flash_attn:
-        w_v = max(kv_widths(info, j)[1] for j in range(info.n_layer))
+        w_v = widest_v
     cells = kv_cells(info, att, il)
     state = 0.0
     if info.recurrent_layers and info.recurrent_layers[il]:
@@ -297,10 +308,13 @@ def activations(layout: ModelLayout, att: Attention, layers: Sequence[int]) -> A
 
 
 def _ffn_width(layout: ModelLayout, il: int) -> int:
-    info = layout.info
     expert_rows = [m.rows for m in layout.blocks[il] if m.expert]
-    if expert_rows and info.n_expert_used:
-        return info.n_expert_used * max(expert_rows)  # gate/up rows of one expert: its hidden width
+    return _ffn_width_of(layout.info, il, max(expert_rows) if expert_rows else None)
+
+
+def _ffn_width_of(info: ModelInfo, il: int, expert_rows: int | None) -> int:
+    if expert_rows is not None and info.n_expert_used:
+        return info.n_expert_used * expert_rows  # gate/up rows of one expert: its hidden width
     return info.n_ff[il]
 
 
@@ -310,7 +324,12 @@ def gpu_compute_bytes(layout: ModelLayout, att: Attention, layers: Sequence[int]
     graph: one full ubatch against the whole context). Calibrated on an H100 (fit-reference 1.3):
     logits `(n_vocab + n_embd) x ubatch x 4 B` dominate with flash attention; without it the KQ scores
     `n_kv x ubatch x n_head x 4 B`; a quantized KV cache adds one layer's K/V converted to f16."""
-    u, a, info = att.n_ubatch, activations(layout, att, layers), layout.info
+    return _gpu_compute(layout.info, att, activations(layout, att, layers), bool(layers), has_output, partial)
+
+
+def _gpu_compute(info: ModelInfo, att: Attention, a: Activations, layers: bool, has_output: bool,
+                 partial: bool) -> float:
+    u = att.n_ubatch
     phases = [4.0 * u * (info.n_vocab + a.n_embd)] if has_output else [0.0]
     if layers:
         phases.append(4.0 * u * (3 * a.ffn + 3 * a.n_embd))
@@ -327,12 +346,15 @@ def gpu_compute_bytes(layout: ModelLayout, att: Attention, layers: Sequence[int]
 def gpu_offload_bytes(host_matrices: Sequence[Matrix], att: Attention, info: ModelInfo) -> float:
     """With a GPU backend, large-batch matrix products of weights kept in RAM run on the first GPU: it
     copies the weight over and holds its output (why `-ngl 0` still takes ~670 MiB of VRAM on an 8B)."""
-    u = att.n_ubatch
     best = 0.0
     for m in host_matrices:
-        rows = m.rows * (info.n_expert_used or 1) if m.expert else m.rows
-        best = max(best, m.nbytes + 4.0 * u * (rows + info.n_embd))
+        best = max(best, _offload_bytes(m, att.n_ubatch, info))
     return best
+
+
+def _offload_bytes(m: Matrix, n_ubatch: int, info: ModelInfo) -> float:
+    rows = m.rows * (info.n_expert_used or 1) if m.expert else m.rows
+    return m.nbytes + 4.0 * n_ubatch * (rows + info.n_embd)
 
 
 def host_compute_bytes(layout: ModelLayout, att: Attention, layers: Sequence[int], has_output: bool,
@@ -340,7 +362,13 @@ def host_compute_bytes(layout: ModelLayout, att: Attention, layers: Sequence[int
     """The host's compute buffer. With a GPU backend the host keeps the graph inputs (the KQ mask and the
     token embeddings) plus the activations of the layers it runs; on a CPU-only build it holds the whole
     graph. Calibrated on llama.cpp's own dry runs on this CPU (tests/test_fit_exact.py)."""
-    u, a, info = att.n_ubatch, activations(layout, att, layers), layout.info
+    a = activations(layout, att, layers)
+    return _host_compute(layout.info, att, a, bool(layers), has_output, gpu_backend)
+
+
+def _host_compute(info: ModelInfo, att: Attention, a: Activations, layers: bool, has_output: bool,
+                  gpu_backend: bool) -> float:
+    u = att.n_ubatch
     mask = u * att.n_ctx * (2.0 if att.flash_attn else 4.0)
     if gpu_backend:
         inputs = mask + 8.0 * u * info.n_embd
@@ -350,7 +378,7 @@ def host_compute_bytes(layout: ModelLayout, att: Attention, layers: Sequence[int
     return _cpu_phases(info, att, a, layers, has_output, mask=mask)
 
 
-def _cpu_phases(info: ModelInfo, att: Attention, a: Activations, layers: Sequence[int], has_output: bool,
+def _cpu_phases(info: ModelInfo, att: Attention, a: Activations, layers: bool, has_output: bool,
                 mask: float) -> float:
     u, e = att.n_ubatch, a.n_embd
     # With a quantized V cache and flash attention the CPU graph holds one more activation-sized tensor
@@ -437,65 +465,211 @@ def memory_breakdown(model: ModelLayout | GGUFHeader, params: FitParams, gpu_fre
     """MiB per device for one configuration. `gpu_free` lists each GPU's free MiB (it decides the split
     between GPUs); empty means a CPU-only build. `cpu_repack`: the CPU has AVX2 (section 8 of the
     reference: Q4_0/Q4_K/IQ4_NL matrices are copied into a faster layout)."""
-    layout = as_layout(model)
-    info = layout.info
-    att = resolve_attention(params, info)
-    ngl = info.n_layer + 1 if params.gpu_layers is None else params.gpu_layers
-    n_cpu_moe = info.n_layer if params.cpu_moe else min(params.n_cpu_moe, info.n_layer)
-    if not info.is_moe:
-        n_cpu_moe = 0
-    where = place(info.n_layer, ngl, gpu_free, n_cpu_moe)
-    gpus = [_gpu_memory(layout, att, where, g) for g in range(len(gpu_free))]
-    host = _host_memory(layout, att, where, bool(gpu_free), cpu_repack)
-    ngl = 0 if not gpu_free else max(0, min(ngl, info.n_layer + 1))
-    return Breakdown(att.n_ctx, att.n_ubatch, ngl, info.n_layer, att.type_k, att.type_v, att.flash_attn,
-                     n_cpu_moe, gpus, host)
+    return LayerTable(as_layout(model)).breakdown(params, gpu_free, cpu_repack)
 
 
-def _gpu_memory(layout: ModelLayout, att: Attention, where: Placement, g: int) -> DeviceMemory:
-    info = layout.info
-    layers = [il for il, d in enumerate(where.blocks) if d == g]
-    has_output = where.output == g
-    weights = sum(m.nbytes for il in layers for m in layout.blocks[il]
-                  if not (m.expert and where.experts_on_host[il]))
-    if has_output:
-        weights += sum(m.nbytes for m in layout.output)
-        weights += layout.token_embd if info.tied_output else 0  # tied output: a copy of the embedding
-    kv = sum(kv_layer_bytes(info, att, il) for il in layers)
-    partial = any(d != g for d in where.blocks) or any(where.experts_on_host)
-    compute = gpu_compute_bytes(layout, att, layers, has_output, partial)
-    if g == 0:
-        compute = max(compute, gpu_offload_bytes(_host_matrices(layout, where), att, info))
-    return DeviceMemory(f"GPU{g}", mib(weights), mib(kv), mib(compute), float(CUDA_CONTEXT_MIB))
+def _block_sums(block: Sequence[Matrix]) -> tuple[int, int, int, int, int | None]:
+    """Bytes of a block: all, routed experts, repackable, repackable experts; and the most rows of an
+    expert matrix (None without experts). One pass: it runs for every block of every catalog file."""
+    total = experts = repack = expert_repack = 0
+    expert_rows: int | None = None
+    for m in block:
+        total += m.nbytes
+        if m.repackable:
+            repack += m.nbytes
+        if m.expert:
+            experts += m.nbytes
+            expert_repack += m.nbytes if m.repackable else 0
+            expert_rows = m.rows if expert_rows is None else max(expert_rows, m.rows)
+    return total, experts, repack, expert_repack, expert_rows
 
 
-def _host_matrices(layout: ModelLayout, where: Placement) -> list[Matrix]:
-    found = [m for il, d in enumerate(where.blocks) for m in layout.blocks[il]
-             if d < 0 or (m.expert and where.experts_on_host[il])]
-    if where.output < 0:
-        found += layout.output
-    return [m for m in found if m.rows > 1]
+def _prefix_sums(values: Iterable[int]) -> list[int]:
+    """[0, v0, v0 + v1, ...]: the sum over blocks [a, b) is sums[b] - sums[a]."""
+    return list(accumulate(values, initial=0))
 
 
-def _host_memory(layout: ModelLayout, att: Attention, where: Placement, gpu_backend: bool,
-                 cpu_repack: bool) -> HostMemory:
-    info = layout.info
-    layers = [il for il, d in enumerate(where.blocks) if d < 0]
-    has_output = where.output < 0
-    matrices = [m for il, d in enumerate(where.blocks) for m in layout.blocks[il]
-                if d < 0 or (m.expert and where.experts_on_host[il])]
-    if has_output:
-        matrices += layout.output
-    weights = sum(m.nbytes for m in matrices) + layout.token_embd + layout.input_other
-    repack = sum(m.nbytes for m in matrices if m.repackable) if cpu_repack else 0
-    # The embedding is read a row per token, unless it doubles as the output matrix here.
-    sparse = 0 if (info.tied_output and has_output) else layout.token_embd
-    kv = sum(kv_layer_bytes(info, att, il) for il in layers)
-    compute = host_compute_bytes(layout, att, layers, has_output, gpu_backend)
-    overhead = host_overhead_bytes(info, att)
-    resident = weights - sparse + kv + compute + overhead  # repacked copies replace their file pages
-    return HostMemory("host", mib(weights), mib(kv), mib(compute), mib(overhead), repack_mib=mib(repack),
-                      resident_mib=mib(resident), file_read_mib=mib(layout.total_bytes))
+@dataclass(frozen=True)
+class _AttentionTable:
+    """Per-layer figures that depend on the attention settings (context, KV types, flash attention)."""
+
+    kv: list[float]  # kv_layer_bytes
+    kq: list[int]  # cells x heads, 0 for layers without K
+    dequant: list[float]  # one layer's quantized K/V as f16
+
+
+@dataclass(frozen=True)
+class _OffloadTable:
+    """`gpu_offload_bytes` per layer, were its matrices on the host (it depends only on the ubatch)."""
+
+    blocks: list[float]
+    experts: list[float]  # the routed experts alone
+    output: float
+
+
+class LayerTable:
+    """A layout's figures per layer, worked out once, so that each configuration the planner tries is a
+    few sums and maxima over ranges of layers. Every figure is the one the per-layer rules of section 3
+    give (tests/test_fit_speed_equivalence.py holds it to them). Blocks on one device are a contiguous
+    range (`_spans`), so weight sums come from prefix sums; float sums (KV) are added in layer order,
+    exactly as a loop over the layers adds them. A table serves one planning call (`choose`, `plan`):
+    it keeps no link to a layout changed after it was built."""
+
+    def __init__(self, layout: ModelLayout) -> None:
+        self.layout = layout
+        info = self.info = layout.info
+        sums = [_block_sums(layout.blocks[il]) for il in range(info.n_layer)]
+        self.weights, self.expert_weights, self.repack, self.expert_repack = (
+            _prefix_sums([s[i] for s in sums]) for i in range(4))
+        self.output_weights = sum(m.nbytes for m in layout.output)
+        self.output_repack = sum(m.nbytes for m in layout.output if m.repackable)
+        self.ffn = [_ffn_width_of(info, il, s[4]) for il, s in enumerate(sums)]
+        self.n_ff = [info.n_ff[il] for il in range(info.n_layer)]
+        self.widths = [kv_widths(info, il) for il in range(info.n_layer)]
+        # Layers alike for the KV cache (widths, sliding window, recurrent state) get the same figures:
+        # each kind is worked out once, on its first layer. Most models have one or two kinds.
+        self.kinds = [(w, bool(info.swa_layers and info.swa_layers[il]),  # ((w_k, w_v), swa, recurrent)
+                       bool(info.recurrent_layers and info.recurrent_layers[il]))
+                      for il, w in enumerate(self.widths)]
+        self.first_of_kind = {kind: il for il, kind in reversed(list(enumerate(self.kinds)))}
+        self._attention: dict[tuple[object, ...], Attention] = {}
+        self._tables: dict[Attention, _AttentionTable] = {}
+        self._offload_tables: dict[int, _OffloadTable] = {}
+
+    def attention(self, params: FitParams) -> Attention:
+        key = (params.n_ctx, params.n_ubatch, params.n_seq, params.kv_type_k, params.kv_type_v,
+               params.flash_attn, params.swa_full)
+        if key not in self._attention:
+            self._attention[key] = resolve_attention(params, self.info)
+        return self._attention[key]
+
+    def for_attention(self, att: Attention) -> _AttentionTable:
+        if att not in self._tables:
+            self._tables[att] = self._build(att)
+        return self._tables[att]
+
+    def _build(self, att: Attention) -> _AttentionTable:
+        info = self.info
+        widest = 0 if att.flash_attn else max((w_v for _, w_v in self.widths), default=0)
+        quantized_k, quantized_v = att.type_k != "f16", att.type_v != "f16"
+        cells_of = {kind: kv_cells(info, att, il) for kind, il in self.first_of_kind.items()}
+        kv_of = {kind: _kv_layer_bytes(info, att, il, widest) for kind, il in self.first_of_kind.items()}
+        dequant_of = {kind: c * (kind[0][0] * quantized_k + kind[0][1] * quantized_v) * 2.0
+                      for kind, c in cells_of.items()}
+        return _AttentionTable(
+            kv=[kv_of[kind] for kind in self.kinds],
+            kq=[cells_of[kind] * info.n_head[il] if kind[0][0] else 0 for il, kind in enumerate(self.kinds)],
+            dequant=[dequant_of[kind] for kind in self.kinds],
+        )
+
+    def offload_table(self, att: Attention) -> _OffloadTable:
+        u = att.n_ubatch
+        if u not in self._offload_tables:
+            per_block = [self._block_offload(self.layout.blocks[il], u) for il in range(self.info.n_layer)]
+            self._offload_tables[u] = _OffloadTable([b[0] for b in per_block], [b[1] for b in per_block],
+                                                    self._block_offload(self.layout.output, u)[0])
+        return self._offload_tables[u]
+
+    def _block_offload(self, block: Sequence[Matrix], n_ubatch: int) -> tuple[float, float]:
+        """`gpu_offload_bytes` of the block's matrices and of its routed experts alone (rows > 1 only,
+        like the host matrices it is given)."""
+        best = best_expert = 0.0
+        for m in block:
+            if m.rows > 1:
+                value = _offload_bytes(m, n_ubatch, self.info)
+                best = max(best, value)
+                best_expert = max(best_expert, value) if m.expert else best_expert
+        return best, best_expert
+
+    def activations(self, t: _AttentionTable, a: int, b: int) -> Activations:
+        """`activations` of blocks [a, b)."""
+        return Activations(self.info.n_embd, max(self.ffn[a:b], default=0), max(self.n_ff[a:b], default=0),
+                           max(t.kq[a:b], default=0), max(t.dequant[a:b], default=0.0))
+
+    def breakdown(self, params: FitParams, gpu_free: Sequence[float], cpu_repack: bool) -> Breakdown:
+        info = self.info
+        att = self.attention(params)
+        ngl = info.n_layer + 1 if params.gpu_layers is None else params.gpu_layers
+        n_cpu_moe = info.n_layer if params.cpu_moe else min(params.n_cpu_moe, info.n_layer)
+        if not info.is_moe:
+            n_cpu_moe = 0
+        spans = _spans(info.n_layer, ngl, tuple(gpu_free))
+        t = self.for_attention(att)
+        gpus = [self._gpu_memory(att, t, spans, g, n_cpu_moe) for g in range(len(gpu_free))]
+        host = self._host_memory(att, t, spans, n_cpu_moe, bool(gpu_free), cpu_repack)
+        ngl = 0 if not gpu_free else max(0, min(ngl, info.n_layer + 1))
+        return Breakdown(att.n_ctx, att.n_ubatch, ngl, info.n_layer, att.type_k, att.type_v, att.flash_attn,
+                         n_cpu_moe, gpus, host)
+
+    def _gpu_memory(self, att: Attention, t: _AttentionTable, spans: _Spans, g: int,
+                    n_cpu_moe: int) -> DeviceMemory:
+        info, layout = self.info, self.layout
+        host_end, ranges, output = spans
+        a, b = ranges[g]
+        moe = min(max(n_cpu_moe, a), b)  # blocks [a, moe) keep their routed experts in RAM
+        weights = self.weights[b] - self.weights[a] - (self.expert_weights[moe] - self.expert_weights[a])
+        has_output = output == g
+        if has_output:
+            weights += self.output_weights
+            weights += layout.token_embd if info.tied_output else 0  # tied output: a copy of the embedding
+        kv = sum(t.kv[a:b])
+        partial = b - a != info.n_layer or (n_cpu_moe > 0 and info.n_layer > 0)
+        compute = _gpu_compute(info, att, self.activations(t, a, b), b > a, has_output, partial)
+        if g == 0:
+            compute = max(compute, self._offload(att, host_end, output, n_cpu_moe))
+        return DeviceMemory(f"GPU{g}", mib(weights), mib(kv), mib(compute), float(CUDA_CONTEXT_MIB))
+
+    def _offload(self, att: Attention, host_end: int, output: int, n_cpu_moe: int) -> float:
+        """`gpu_offload_bytes` of the matrices on the host: all of blocks [0, host_end), the experts of
+        the offloaded blocks under n_cpu_moe, the output layer when it stays on the host."""
+        moe = min(max(n_cpu_moe, host_end), self.info.n_layer)
+        if host_end == 0 and moe == 0 and output >= 0:
+            return 0.0  # everything on the GPUs
+        t = self.offload_table(att)
+        best = max(0.0, max(t.blocks[:host_end], default=0.0), max(t.experts[host_end:moe], default=0.0))
+        return max(best, t.output) if output < 0 else best
+
+    def _host_memory(self, att: Attention, t: _AttentionTable, spans: _Spans, n_cpu_moe: int,
+                     gpu_backend: bool, cpu_repack: bool) -> HostMemory:
+        info, layout = self.info, self.layout
+        host_end, _, output = spans
+        moe = min(max(n_cpu_moe, host_end), info.n_layer)  # offloaded blocks whose experts stay here
+        has_output = output < 0
+        weights = self.weights[host_end] + self.expert_weights[moe] - self.expert_weights[host_end]
+        repack = self.repack[host_end] + self.expert_repack[moe] - self.expert_repack[host_end]
+        if has_output:
+            weights += self.output_weights
+            repack += self.output_repack
+        weights += layout.token_embd + layout.input_other
+        repack = repack if cpu_repack else 0
+        # The embedding is read a row per token, unless it doubles as the output matrix here.
+        sparse = 0 if (info.tied_output and has_output) else layout.token_embd
+        kv = sum(t.kv[:host_end])
+        a = self.activations(t, 0, host_end)
+        compute = _host_compute(info, att, a, host_end > 0, has_output, gpu_backend)
+        overhead = host_overhead_bytes(info, att)
+        resident = weights - sparse + kv + compute + overhead  # repacked copies replace their file pages
+        return HostMemory("host", mib(weights), mib(kv), mib(compute), mib(overhead), repack_mib=mib(repack),
+                          resident_mib=mib(resident), file_read_mib=mib(layout.total_bytes))
+
+
+# (blocks [0, host_end) on the host, (first, end) of the blocks of each GPU, the output layer's device)
+_Spans = tuple[int, tuple[tuple[int, int], ...], int]
+
+
+@lru_cache(maxsize=4096)
+def _spans(n_layer: int, gpu_layers: int, gpu_free: tuple[float, ...]) -> _Spans:
+    """`place` as ranges of blocks. The host holds a prefix of the blocks and each GPU the next run: the
+    offloaded range is cut in order, by a cumulative share that only grows with the layer index."""
+    where = place(n_layer, gpu_layers, gpu_free)
+    host_end = sum(1 for d in where.blocks if d < 0)
+    ranges = []
+    for g in range(len(gpu_free)):
+        mine = [il for il, d in enumerate(where.blocks) if d == g]
+        ranges.append((mine[0], mine[-1] + 1) if mine else (host_end, host_end))
+        if mine != list(range(*ranges[-1])):
+            raise AssertionError(f"GPU{g}'s blocks are not one run: {mine}")
+    return host_end, tuple(ranges), where.output
 
 
 def _round(value: object) -> object:
@@ -568,13 +742,14 @@ def plan(model: ModelLayout | GGUFHeader, report: HardwareReport, params: FitPar
     params = replace(params, n_ctx=params.n_ctx or default_ctx(info))
     resolve_attention(params, info)  # bad settings fail here, with their own message
     budget = budget_for(report)
-    verdict, bd = choose(layout, params, budget)
+    table = LayerTable(layout)  # shared by every configuration tried below
+    verdict, bd = _choose(table, params, budget)
     limit = max(info.n_ctx_train, params.n_ctx or 0)
     fixed = replace(params, kv_type_k=bd.kv_type_k, kv_type_v=bd.kv_type_v)
     max_full = None
     if budget.gpus:
-        max_full = _max_ctx(limit, lambda c: _fits_full(layout, replace(fixed, n_ctx=c), budget))
-    max_any = _max_ctx(limit, lambda c: choose(layout, replace(params, n_ctx=c), budget)[0] != "wont_fit")
+        max_full = _max_ctx(limit, lambda c: _fits_full(table, replace(fixed, n_ctx=c), budget))
+    max_any = _max_ctx(limit, lambda c: _choose(table, replace(params, n_ctx=c), budget)[0] != "wont_fit")
     name = info.name or layout.info.architecture
     result = Plan(verdict, "", bd, max_full, max_any, params.n_ctx or 0, name, budget)
     result.reason = explain(result)
@@ -586,14 +761,18 @@ def choose(layout: ModelLayout, params: FitParams, budget: Budget) -> tuple[Verd
     try, in order: everything on the GPU(s) (f16 KV, then q8_0 with flash attention when the user left
     the KV type open); for MoE, all layers on the GPU with the fewest experts in RAM; the most GPU
     layers; the CPU alone (with the GPU hidden from llama.cpp)."""
+    return _choose(LayerTable(layout), params, budget)
+
+
+def _choose(table: LayerTable, params: FitParams, budget: Budget) -> tuple[Verdict, Breakdown]:
     if budget.gpus and (params.gpu_layers is not None or params.cpu_moe or params.n_cpu_moe):
-        bd = _breakdown(layout, params, budget)
+        bd = _breakdown(table, params, budget)
         return (_verdict_of(bd) if budget.fits(bd) else "wont_fit"), bd
     if budget.gpus:
-        found = _choose_gpu(layout, params, budget)
+        found = _choose_gpu(table, params, budget)
         if found:
             return found
-    cpu = memory_breakdown(layout, replace(params, gpu_layers=0), (), budget.cpu_repack)
+    cpu = table.breakdown(replace(params, gpu_layers=0), (), budget.cpu_repack)
     return ("cpu_only" if budget.fits(cpu) else "wont_fit"), cpu
 
 
@@ -603,22 +782,22 @@ def _verdict_of(bd: Breakdown) -> Verdict:
     return "partial_gpu" if bd.gpu_layers or bd.n_cpu_moe else "cpu_only"
 
 
-def _choose_gpu(layout: ModelLayout, params: FitParams, budget: Budget) -> tuple[Verdict, Breakdown] | None:
-    n_layer = layout.info.n_layer
+def _choose_gpu(table: LayerTable, params: FitParams, budget: Budget) -> tuple[Verdict, Breakdown] | None:
+    n_layer = table.info.n_layer
     for kv_k, kv_v in _kv_choices(params):
-        full = _breakdown(layout, replace(params, kv_type_k=kv_k, kv_type_v=kv_v), budget)
+        full = _breakdown(table, replace(params, kv_type_k=kv_k, kv_type_v=kv_v), budget)
         if budget.fits(full):
             return "full_gpu", full
     kv_k = params.kv_type_k or "f16"
     base = replace(params, kv_type_k=kv_k, kv_type_v=params.kv_type_v or kv_k)
-    if layout.info.is_moe:
-        n = _least(0, n_layer, lambda k: budget.fits(_breakdown(layout, replace(base, n_cpu_moe=k), budget)))
+    if table.info.is_moe:
+        n = _least(0, n_layer, lambda k: budget.fits(_breakdown(table, replace(base, n_cpu_moe=k), budget)))
         if n is not None:
-            return "partial_gpu", _breakdown(layout, replace(base, n_cpu_moe=n), budget)
-    ngl = _most(1, n_layer, lambda k: budget.fits(_breakdown(layout, replace(base, gpu_layers=k), budget)))
+            return "partial_gpu", _breakdown(table, replace(base, n_cpu_moe=n), budget)
+    ngl = _most(1, n_layer, lambda k: budget.fits(_breakdown(table, replace(base, gpu_layers=k), budget)))
     if ngl is None:
         return None
-    return "partial_gpu", _breakdown(layout, replace(base, gpu_layers=ngl), budget)
+    return "partial_gpu", _breakdown(table, replace(base, gpu_layers=ngl), budget)
 
 
 def _kv_choices(params: FitParams) -> list[tuple[str, str]]:
@@ -629,13 +808,13 @@ def _kv_choices(params: FitParams) -> list[tuple[str, str]]:
     return [("f16", "f16")] if params.flash_attn == "off" else [("f16", "f16"), ("q8_0", "q8_0")]
 
 
-def _breakdown(layout: ModelLayout, params: FitParams, budget: Budget) -> Breakdown:
-    return memory_breakdown(layout, params, budget.gpu_free, budget.cpu_repack)
+def _breakdown(table: LayerTable, params: FitParams, budget: Budget) -> Breakdown:
+    return table.breakdown(params, budget.gpu_free, budget.cpu_repack)
 
 
-def _fits_full(layout: ModelLayout, params: FitParams, budget: Budget) -> bool:
+def _fits_full(table: LayerTable, params: FitParams, budget: Budget) -> bool:
     everything = replace(params, gpu_layers=None, cpu_moe=False, n_cpu_moe=0)
-    return budget.fits(_breakdown(layout, everything, budget))
+    return budget.fits(_breakdown(table, everything, budget))
 
 
 def _most(lo: int, hi: int, ok: Callable[[int], bool]) -> int | None:
