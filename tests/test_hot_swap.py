@@ -270,3 +270,22 @@ def _rename_tensor(data: bytes, old: bytes, new: bytes) -> bytes:
     assert len(old) == len(new) and data.count(old) == 1
     return data.replace(old, new)
 
+
+
+async def test_a_request_sent_while_the_model_loads_waits_and_is_served(start_bridge, tmp_path, model_1b):
+    """ST keeps chatting while the bridge is in the `loading` state: the request is held, not refused."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "slow-1b-Q4_K_M.gguf").symlink_to(model_1b)
+    server = start_bridge(models=models, wait=("empty",))
+    body = {"prompt": PROMPT, "n_predict": 4, "seed": 1}
+    async with aiohttp.ClientSession(server.url) as http:
+        load = asyncio.ensure_future(http.post("/bridge/v1/load", json={"model": "slow-1b-Q4_K_M"}))
+        deadline = time.monotonic() + 30
+        while server.status()["state"] != "loading":
+            assert time.monotonic() < deadline and not load.done(), "the load never showed as loading"
+            await asyncio.sleep(0.01)
+        async with http.post("/completion", json=body) as reply:
+            assert reply.status == 200, await reply.text()
+            assert (await reply.json())["tokens_predicted"] > 0
+        assert (await load).status == 200

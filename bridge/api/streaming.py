@@ -37,7 +37,7 @@ def ensure_model(request: web.Request) -> None:
     status = request.app[ENGINE_KEY].status()
     if status.state == "error":
         raise EngineError(f"the model failed to load: {status.error}. {NO_MODEL_HINT}")
-    if status.state != "ready":
+    if status.state not in ("ready", "loading"):  # during a load the engine holds requests for the new model
         raise EngineError(NO_MODEL_HINT)
 
 
