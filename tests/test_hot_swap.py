@@ -289,3 +289,18 @@ async def test_a_request_sent_while_the_model_loads_waits_and_is_served(start_br
             assert reply.status == 200, await reply.text()
             assert (await reply.json())["tokens_predicted"] > 0
         assert (await load).status == 200
+
+
+async def test_a_request_queued_before_the_swap_names_the_model_that_served_it(start_bridge):
+    server = start_bridge("--model", "tiny-llama-Q8_0", "--ctx", "4096")
+    async with aiohttp.ClientSession(server.url) as http:
+        stream = await http.post("/completion", json=stream_body())
+        await stream.content.readuntil(b"\n\n")
+        queued = asyncio.create_task(complete(http))  # asked while Q8_0 is the model
+        await wait_queued(server, http)
+        status, _ = await load(http, model="tiny-llama-Q4_K_M")
+        assert status == 200
+        finished = st_parse_stream(await stream.read())
+        answered = await queued
+    assert finished.events[-1]["model"] == "tiny-llama-Q8_0"
+    served_by_a_new_worker(answered, "tiny-llama-Q4_K_M")  # the swap went first; the name follows it

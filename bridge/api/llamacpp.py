@@ -87,7 +87,9 @@ async def completion(request: web.Request) -> web.StreamResponse:
     model = request.app[MANAGER_KEY].model_name()
     if not req.stream:
         done = await collect(request, req)
-        return web.json_response(final(done.result, model, text=done.text) | _probs(done.chunks, req))
+        return web.json_response(
+            final(done.result, done.result.model_id or model, text=done.text) | _probs(done.chunks, req)
+        )
     return await _stream(request, req, model)
 
 
@@ -124,7 +126,7 @@ def _event(item: TokenChunk | GenerationResult, model: str, req: GenerationReque
         return data | _probs([item], req)
     if item.stop_type == "error":
         return {"error": {"code": 500, "message": f"generation failed: {item.error}", "type": "server_error"}}
-    return final(item, model)
+    return final(item, item.model_id or model)
 
 
 def final(result: GenerationResult, model: str, text: str = "") -> dict[str, Any]:

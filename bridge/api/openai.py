@@ -113,9 +113,12 @@ def _request(
 async def _respond(request: web.Request, req: GenerationRequest, shape: _Completion) -> web.StreamResponse:
     if not req.stream:
         done = await collect(request, req)
+        shape.model = done.result.model_id or shape.model
         return web.json_response(shape.whole(done.text, done.result, done.chunks, req.sampling.n_probs))
     stream = generation(request, req)
     first = await first_item(stream)
+    # Its turn has come: the model serving it now is the one to name (a swap may have come in between).
+    shape.model = request.app[MANAGER_KEY].model_name() or shape.model
     response = await sse_open(request)
     try:
         for data in shape.opening():

@@ -357,6 +357,7 @@ class Engine:
             async with aclosing(self._stream(worker, request_id)) as stream:
                 async for item in stream:
                     if isinstance(item, GenerationResult):
+                        item.model_id = worker.spec.model_id
                         release()
                     yield item
         except BadRequest:

@@ -104,6 +104,7 @@ class GenerationResult:
     tokens_cached: int = 0  # prompt tokens reused from the KV cache (not evaluated again)
     timings: Timings = field(default_factory=Timings)
     error: str | None = None
+    model_id: str = ""  # the model that served the request (a swap may have come between asking and serving)
     cache_restored: bool = False  # a saved state of this chat was brought back (chat_memory.py)
 
     @property
