@@ -3,7 +3,7 @@
 
 import { BridgeClient, EventStream, normalizeBaseUrl } from './api.js';
 import { connectSillyTavern, urlForSillyTavern } from './connect.js';
-import { baseOf, candidateList, nowUsingText, quantOf } from './format.js';
+import { baseOf, candidateList, describeCandidate, nowUsingText, quantOf } from './format.js';
 import { isOnline, mainApi, maxContext, onlineStatus, serverUrl, setMaxContext, textgenType, toast } from './host.js';
 import { getApiKey, save } from './settings.js';
 
@@ -278,6 +278,16 @@ export class Controller {
     }
 
     /**
+     * Ranks again and replaces the "Recommend model" list; the old list stays on screen until then.
+     * @returns {Promise<number>} how many candidates the list now holds
+     */
+    async refreshRecommendations() {
+        this.candidates = (await this.recommend()).map(describeCandidate);
+        this.emit('recommendations');
+        return this.candidates.length;
+    }
+
+    /**
      * @param {{repo: string, file: string}} what
      * @returns {Promise<string>} the download's id
      */
@@ -389,6 +399,11 @@ const EVENT_HANDLERS = {
     download_done: (c, data) => {
         c.downloads.set(data.id, data);
         c.refreshModels(); // the new file is a local model now: its Load button needs the id
+    },
+    catalog_updated: (c) => {
+        // The list on screen was ranked from the old catalog; rank again only if the user has it open.
+        if (!c.candidates.length || c.recommending) return;
+        c.refreshRecommendations().catch((error) => console.warn('[st-bridge] recommend:', error.message));
     },
     error: (c, data) => {
         c.lastError = data.message ?? String(data);

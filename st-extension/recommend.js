@@ -31,8 +31,8 @@ async function fetchRecommendations(controller) {
     controller.recommending = true;
     renderRecommendations(controller);
     try {
-        controller.candidates = (await controller.recommend()).map(describeCandidate);
-        if (!controller.candidates.length) toast('info', 'The bridge found nothing that fits this machine.');
+        const found = await controller.refreshRecommendations();
+        if (!found) toast('info', 'The bridge found nothing that fits this machine.');
     } catch (error) {
         toast('error', error.message, 'Recommend model');
     } finally {

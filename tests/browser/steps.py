@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from tests.fixtures.sillytavern import Stage
@@ -63,3 +64,46 @@ class StatusChecks:
 
     def close(self) -> None:
         self._page.remove_listener("request", self._seen)
+
+
+def open_remote_settings(stage: Stage) -> None:
+    """Opens the panel's "Other machines and Docker" section (the Docker setting and the API key)."""
+    show_panel(stage)
+    page = stage.browser.page
+    if not page.is_visible("#st_bridge_docker"):
+        page.click("#st_bridge_panel .st-bridge-advanced > .inline-drawer-header")
+        page.wait_for_selector("#st_bridge_docker", state="visible")
+
+
+def type_into_panel(stage: Stage, field: str, value: str) -> None:
+    """Types `value` into the panel's `#st_bridge_<field>` and leaves the field, which commits it."""
+    page = stage.browser.page
+    page.fill(f"#st_bridge_{field}", value)
+    page.press(f"#st_bridge_{field}", "Tab")
+
+
+def set_panel_checkbox(stage: Stage, field: str, checked: bool) -> None:
+    stage.browser.page.set_checked(f"#st_bridge_{field}", checked)
+
+
+def press_use_in_sillytavern(stage: Stage) -> None:
+    """Presses "Use in SillyTavern" and waits until that connect has finished (online or not)."""
+    page = stage.browser
+    before = page.js("() => window.stBridge.reconnects")
+    show_panel(stage)
+    page.page.click("#st_bridge_connect")
+    page.wait_js("(n) => window.stBridge.reconnects > n && !window.stBridge.connecting", 30, arg=before)
+
+
+def saved_settings(stage: Stage, check: Any, timeout_s: float = 10) -> dict[str, Any]:
+    """ST's settings.json once `check(settings)` holds (ST saves debounced, a second or so after a change).
+
+    It waits through Playwright, not with sleep: Playwright handles the page's events (and routed requests,
+    which stay paused until it does) only while it is called.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        settings = stage.st.settings()
+        if check(settings) or time.monotonic() > deadline:
+            return settings
+        stage.browser.page.wait_for_timeout(200)
