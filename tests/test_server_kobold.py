@@ -19,24 +19,16 @@ from tests.fixtures.server import (
     st_parse_stream,
     st_token_count,
 )
+from tests.fixtures.server import (
+    st_body as observed_st_body,
+)
 
 TEXTS = ["Say hi", "the knight and the dragon", "Once upon a time, in a castle by the moon,"]
 
 
 def st_body(**changes: object) -> dict:
     """The body ST 1.12.6 sent for koboldcpp, shortened for speed, with a fixed seed unless changed."""
-    return (
-        observed_bodies()["koboldcpp"]
-        | {
-            "max_new_tokens": 24,
-            "max_tokens": 24,
-            "n_predict": 24,
-            "num_predict": 24,
-            "seed": 7,
-            "sampler_seed": 7,
-        }
-        | changes
-    )
+    return observed_st_body("koboldcpp", **({"seed": 7, "sampler_seed": 7} | changes))
 
 
 async def test_st_sequence_koboldcpp(bridge_server, tiny_vocab):

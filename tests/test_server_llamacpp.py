@@ -19,24 +19,16 @@ from tests.fixtures.server import (
     st_parse_stream,
     st_token_count,
 )
+from tests.fixtures.server import (
+    st_body as observed_st_body,
+)
 
 TEXTS = ["Say hi", "*smiles softly* hello there", "User: tell me a story\nAssistant:"]
 
 
 def st_body(**changes: object) -> dict:
-    """The body ST 1.12.6 sent for llamacpp, shortened, with a fixed seed unless changed."""
-    return (
-        observed_bodies()["llamacpp"]
-        | {
-            "max_new_tokens": 24,
-            "max_tokens": 24,
-            "n_predict": 24,
-            "num_predict": 24,
-            "seed": 11,
-            "sampler_seed": 11,
-        }
-        | changes
-    )
+    """The body ST 1.12.6 sent for llamacpp, shortened for speed, with a fixed seed unless changed."""
+    return observed_st_body("llamacpp", **({"seed": 11, "sampler_seed": 11} | changes))
 
 
 async def complete(http: aiohttp.ClientSession, **changes: object) -> str:
