@@ -9,10 +9,18 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from bridge.api import translate
+from bridge.api.schemas import SamplerBody
 from bridge.engine.client import Engine
-from bridge.engine.sampling import DEFAULT_ORDER, honoured_samplers, normalise_order
 from bridge.engine.stops import StopScanner
-from bridge.engine.types import GenerationRequest, GenerationResult, LoadSpec, SamplingParams, TokenChunk
+from bridge.engine.types import (
+    CHAIN_ORDER,
+    GenerationRequest,
+    GenerationResult,
+    LoadSpec,
+    SamplingParams,
+    TokenChunk,
+)
 from bridge.errors import BadRequest
 
 # Tests on the engine share one loaded model (and so one event loop) per module.
@@ -221,16 +229,45 @@ async def test_top_k_1_is_greedy(engine: Engine) -> None:
     assert token_ids(top1) == token_ids(greedy)
 
 
-def test_order_accepts_st_and_koboldcpp_names() -> None:
-    assert normalise_order([]) == list(DEFAULT_ORDER)
-    order = normalise_order(["temp", "top_k", "rep_pen", "bogus", "top_k"])
-    assert order[:3] == ["temperature", "top_k", "penalties"]
-    assert sorted(order) == sorted(DEFAULT_ORDER)  # the rest keep their default place
-    kobold = normalise_order([6, 0, 1, 3, 4, 2, 5])  # KoboldCpp's ids; 1 (top_a) and 3 (tfs) are gone
-    assert kobold[:5] == ["penalties", "top_k", "typical_p", "top_p", "temperature"]
+def test_order_accepts_llamacpp_ooba_and_koboldcpp_names() -> None:
+    def order(**body: object) -> list[str]:
+        return translate.sampler_order(SamplerBody.model_validate(body))
+
+    assert order() == []  # the engine's default: CHAIN_ORDER
+    named = order(samplers=["temp", "top-k", "bogus", "topk", "typ_p"])  # llama-server's spellings
+    assert [n for n in named if n in ("temperature", "top_k", "typical_p")] == ["temperature", "top_k",
+                                                                                "typical_p"]
+    assert sorted(named) == sorted(CHAIN_ORDER)  # the rest keep their default place
+    ooba = order(sampler_priority=["repetition_penalty", "top_a", "dynamic_temperature", "min_p"])
+    assert ooba[0] == "penalties" and ooba.index("temperature") < ooba.index("min_p")
+    kobold = order(sampler_order=[6, 0, 1, 3, 4, 2, 5])  # KoboldCpp's ids; 1 (top_a) and 3 (tfs) are gone
+    assert [n for n in kobold if n in ("penalties", "top_k", "typical_p", "top_p", "temperature")] == [
+        "penalties", "top_k", "typical_p", "top_p", "temperature"]
+    assert order(samplers=["temperature", "top_k"], temperature_last=True)[-1] == "temperature"
 
 
-def test_honoured_samplers_are_listed() -> None:
-    names = honoured_samplers()
-    for field in ("temperature", "dry_multiplier", "xtc_probability", "mirostat", "grammar", "logit_bias"):
-        assert field in names
+# A value other than the neutral one for every name the bridge reports as honoured.
+HONOURED_VALUES: dict[str, object] = {
+    "temperature": 0.3, "dynatemp_range": 0.5, "dynatemp_exponent": 2.0, "top_k": 7, "top_p": 0.5,
+    "min_p": 0.2, "typical_p": 0.5, "top_n_sigma": 1.5, "xtc_threshold": 0.2, "xtc_probability": 0.5,
+    "rep_pen": 1.2, "rep_pen_range": 128, "frequency_penalty": 0.5, "presence_penalty": 0.5,
+    "dry_multiplier": 0.8, "dry_base": 2.0, "dry_allowed_length": 3, "dry_penalty_last_n": 100,
+    "dry_sequence_breakers": ["x"], "mirostat": 2, "mirostat_tau": 3.0, "mirostat_eta": 0.2, "seed": 5,
+    "logit_bias": {"5": 2.0}, "custom_token_bans": "5,6", "grammar": 'root ::= "a"', "ban_eos_token": True,
+    "min_tokens": 4, "n_probs": 3, "stop": ["x"], "sampler_order": [0, 2], "samplers": ["top_k"],
+}
+
+
+def _request(body: dict[str, object]) -> GenerationRequest:
+    return translate.to_request(SamplerBody.model_validate(body), "p", n_ctx=2048,
+                                tokenize=lambda text: [ord(c) for c in text])
+
+
+def test_every_honoured_sampler_reaches_the_engine_and_ignored_ones_do_not() -> None:
+    """The list `/props` and `/api/extra/version` report is the truth: each name changes the request."""
+    assert sorted(HONOURED_VALUES) == sorted(translate.HONOURED)
+    neutral = _request({})
+    for name, value in HONOURED_VALUES.items():
+        assert _request({name: value}) != neutral, name
+    for name in translate.IGNORED_WHEN_ACTIVE:
+        assert _request({name: 0.5}) == neutral, name

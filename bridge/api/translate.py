@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from ..engine.types import GenerationRequest, SamplingParams
+from ..engine.types import CHAIN_ORDER, GenerationRequest, SamplingParams
 from ..errors import BadRequest
 from .schemas import SamplerBody
 
@@ -27,32 +27,22 @@ Body = TypeVar("Body", bound=BaseModel)
 DEFAULT_MAX_TOKENS = 256
 BAN_BIAS = -100.0  # OpenAI's and KoboldCpp's "never pick this token"
 
-# llama.cpp's default chain; samplers a request's order leaves out keep their place relative to these.
-DEFAULT_ORDER = [
-    "penalties",
-    "dry",
-    "top_n_sigma",
-    "top_k",
-    "typical_p",
-    "top_p",
-    "min_p",
-    "xtc",
-    "temperature",
-]
-
 # KoboldCpp's sampler_order numbers (ST sends [6,0,1,3,4,2,5]); top_a (1) and tfs (3) have no
 # llama.cpp sampler.
 KOBOLD_ORDER = {0: "top_k", 1: None, 2: "top_p", 3: None, 4: "typical_p", 5: "temperature", 6: "penalties"}
 
-# llama.cpp `samplers` and text-generation-webui `sampler_priority` names → llama.cpp chain names.
-SAMPLER_NAMES: dict[str, str | None] = {
+# llama.cpp `samplers` and text-generation-webui `sampler_priority` names → the chain's names
+# (CHAIN_ORDER); None: a sampler llama.cpp does not have.
+_SPELLINGS: dict[str, str | None] = {
     "top_k": "top_k",
     "top_p": "top_p",
+    "nucleus": "top_p",
     "min_p": "min_p",
     "xtc": "xtc",
     "dry": "dry",
     "typical_p": "typical_p",
     "typ_p": "typical_p",
+    "typ": "typical_p",
     "typical": "typical_p",
     "temperature": "temperature",
     "temp": "temperature",
@@ -71,6 +61,13 @@ SAMPLER_NAMES: dict[str, str | None] = {
     "eta_cutoff": None,
     "encoder_repetition_penalty": None,
     "no_repeat_ngram": None,
+}
+# llama-server also reads each underscored name with dashes ("top-k") and without them ("topk").
+SAMPLER_NAMES: dict[str, str | None] = _SPELLINGS | {
+    variant: chain
+    for name, chain in _SPELLINGS.items()
+    if "_" in name
+    for variant in (name.replace("_", "-"), name.replace("_", ""))
 }
 
 HONOURED = [
@@ -311,7 +308,7 @@ def token_bans(value: Any) -> list[int]:
 
 
 def sampler_order(body: SamplerBody) -> list[str]:
-    """The chain order in llama.cpp names, or [] for llama.cpp's default."""
+    """The chain order in CHAIN_ORDER's names, or [] for llama.cpp's default."""
     if body.sampler_order:
         named = [KOBOLD_ORDER.get(n) for n in body.sampler_order]
     elif body.samplers:
@@ -327,11 +324,12 @@ def sampler_order(body: SamplerBody) -> list[str]:
 
 
 def _complete(order: list[str]) -> list[str]:
-    """Add the samplers the request left out, each after its predecessor in llama.cpp's default order."""
-    for index, name in enumerate(DEFAULT_ORDER):
+    """Add the samplers the request left out, each after its predecessor in llama.cpp's default order
+    (llama-server does the same), so a sampler that is switched on still applies."""
+    for index, name in enumerate(CHAIN_ORDER):
         if name in order:
             continue
-        before = [n for n in DEFAULT_ORDER[:index] if n in order]
+        before = [n for n in CHAIN_ORDER[:index] if n in order]
         order.insert(order.index(before[-1]) + 1 if before else 0, name)
     return order
 

@@ -5,7 +5,7 @@ Python per candidate. Its layout, as llama.cpp's own `common_sampler` builds it:
 
     logit bias (+ banned tokens, + EOG tokens when ignore_eos)   always first: a ban is a ban
     grammar (GBNF)                                                before any cut, so a valid token survives
-    the samplers in the order ST asks (`order`), each only when it is on
+    the samplers in the request's order (`order`, CHAIN_ORDER's names), each only when it is on
     mirostat 1/2, or dist(seed), or greedy when temperature <= 0  picks the token
 
 Repetition penalties and DRY look at history: `Chain.accept_history()` feeds them the prompt's tail, as
@@ -16,67 +16,12 @@ from __future__ import annotations
 
 import ctypes
 import random
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import llama_cpp
 
-from bridge.engine.types import SamplingParams
+from bridge.engine.types import CHAIN_ORDER, SamplingParams
 from bridge.errors import BadRequest
-
-# llama.cpp's default order (common/common.h), which ST's "samplers" field also uses.
-DEFAULT_ORDER = (
-    "penalties", "dry", "top_n_sigma", "top_k", "typical_p", "top_p", "min_p", "xtc", "temperature",
-)
-# Spellings ST, KoboldCpp and text-generation-webui use for the same sampler.
-ALIASES = {
-    "top_k": "top_k", "k": "top_k",
-    "top_p": "top_p", "p": "top_p", "nucleus": "top_p",
-    "min_p": "min_p",
-    "typical_p": "typical_p", "typ_p": "typical_p", "typical": "typical_p", "y": "typical_p",
-    "temperature": "temperature", "temp": "temperature", "t": "temperature", "dynatemp": "temperature",
-    "xtc": "xtc", "x": "xtc",
-    "top_n_sigma": "top_n_sigma", "top_nsigma": "top_n_sigma", "top-n-sigma": "top_n_sigma",
-    "s": "top_n_sigma",
-    "dry": "dry", "d": "dry",
-    "penalties": "penalties", "repetition_penalty": "penalties", "rep_pen": "penalties", "e": "penalties",
-    "frequency_penalty": "penalties", "presence_penalty": "penalties",
-}
-# KoboldCpp's numeric `sampler_order` (ST sends it for KoboldCpp): top_a (1) and tail-free (3) do not
-# exist in llama.cpp any more and are skipped.
-KOBOLD_SAMPLER_IDS = {0: "top_k", 2: "top_p", 4: "typical_p", 5: "temperature", 6: "penalties"}
-# Every field of SamplingParams the chain honours (reported by /api/extra/version and /props).
-HONOURED = (
-    "temperature", "dynatemp_range", "dynatemp_exponent", "top_k", "top_p", "min_p", "typical_p",
-    "top_n_sigma", "xtc_threshold", "xtc_probability", "repeat_penalty", "repeat_last_n",
-    "frequency_penalty", "presence_penalty", "dry_multiplier", "dry_base", "dry_allowed_length",
-    "dry_penalty_last_n", "dry_sequence_breakers", "mirostat", "mirostat_tau", "mirostat_eta", "seed",
-    "logit_bias", "banned_tokens", "grammar", "ignore_eos", "min_tokens", "n_probs", "order", "stop",
-)
-
-
-def honoured_samplers() -> list[str]:
-    """The sampler settings this engine applies, by their SamplingParams names."""
-    return list(HONOURED)
-
-
-def normalise_order(order: Iterable[str | int]) -> list[str]:
-    """ST's sampler order in llama.cpp names (KoboldCpp's numbers too), unknown ones dropped, no duplicates.
-
-    Samplers ST leaves out of its order keep llama.cpp's default place after the listed ones, so a sampler
-    that is switched on still applies (llama-server does the same).
-    """
-    out: list[str] = []
-    for name in order:
-        if isinstance(name, int):
-            canonical = KOBOLD_SAMPLER_IDS.get(name)
-        else:
-            canonical = ALIASES.get(str(name).strip().lower())
-        if canonical and canonical not in out:
-            out.append(canonical)
-    if not out:
-        return list(DEFAULT_ORDER)
-    return out + [name for name in DEFAULT_ORDER if name not in out]
 
 
 def resolve_seed(seed: int) -> int:
@@ -123,7 +68,7 @@ def build_chain(params: SamplingParams, *, vocab: llama_cpp.llama_vocab_p, n_voc
         greedy = params.temperature <= 0 and params.mirostat == 0
         # Mirostat replaces the truncation samplers (llama.cpp's common_sampler does the same): temperature,
         # then mirostat picks.
-        order = ["temperature"] if params.mirostat else normalise_order(params.order)
+        order = ["temperature"] if params.mirostat else params.order or CHAIN_ORDER
         for name in order:
             if greedy and name == "temperature":
                 continue  # temp <= 0 keeps only the best token: that is exactly the greedy pick below

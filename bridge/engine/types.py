@@ -11,6 +11,11 @@ from typing import Literal
 
 StopType = Literal["eos", "word", "limit", "abort", "error"]
 EngineState = Literal["empty", "loading", "ready", "error"]
+# The samplers of the chain's ordered part, in llama.cpp's default order (common/common.h). The dialects
+# translate each client's names and numbering into these (api/translate.py); the engine builds them.
+CHAIN_ORDER = (
+    "penalties", "dry", "top_n_sigma", "top_k", "typical_p", "top_p", "min_p", "xtc", "temperature",
+)
 
 
 @dataclass
@@ -46,8 +51,8 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     n_probs: int = 0  # top candidates to report per token
-    # Order of the samplers, in llama.cpp names: top_k, top_p, min_p, typical_p, temperature, xtc,
-    # top_n_sigma, dry, penalties. Empty = llama.cpp's default order.
+    # The order of the samplers, in CHAIN_ORDER's names; a sampler left out is not applied. Empty =
+    # CHAIN_ORDER.
     order: list[str] = field(default_factory=list)
 
 
