@@ -152,14 +152,6 @@ class Shape:
             return self.n_embd // self.n_head
         return None
 
-    def kv_bytes_per_token(self, bytes_per_elem: float = 2.0) -> int | None:
-        """f16 K+V bytes one token costs across all layers (sliding-window layers counted in full)."""
-        hd = self.kv_head_dim
-        if not (self.complete and hd):
-            return None
-        return int(self.n_layer * 2 * self.n_head_kv * hd * bytes_per_elem)  # type: ignore[operator]
-
-
 @dataclass
 class CatalogModel:
     repo: str
@@ -338,11 +330,6 @@ def params_from_shape(shape: Shape) -> tuple[int, int] | None:
     used = shape.n_expert_used or experts
     active = total - shape.n_layer * (experts - used) * ffn_one  # type: ignore[operator]
     return total, active
-
-
-def estimated_size_bytes(params: float, quant: str) -> int | None:
-    bpw = FILE_BPW.get(base_quant(quant))
-    return int(params * bpw / 8) if bpw else None
 
 
 # --- building the bundled catalog from the survey ------------------------------------------------------

@@ -7,14 +7,18 @@ Deep code raises these; the HTTP layer maps them to a status code in one middlew
     ├── BadRequest                   400: the request itself is wrong
     │   └── UnsafePath               400: a model id that climbs out of the models dir
     ├── Forbidden                    403: origin / host / API key checks
+    │   ├── OriginRefused            403: a browser page whose origin is not allowed
+    │   └── HostRefused              403: a Host header that does not name this machine (DNS rebinding)
     ├── NotFound                     404: unknown model, download, route
     ├── Conflict                     409: e.g. a download already running for the same file
     ├── PayloadTooLarge              413
+    ├── UnsupportedMediaType         415: a request body that is not JSON
     ├── Busy                         503 with Retry-After: the queue is full, or a model is loading
     ├── ModelFileError               422: a file that is not a model we can read
     │   └── GGUFError                422: a GGUF header that is truncated, corrupt or hostile
     ├── NotEnoughMemory              507: the model does not fit
     ├── NotEnoughDisk                507: the download does not fit on the disk
+    ├── PlanFailed                   500: the planner could not place the model (nothing is loaded)
     ├── HubUnavailable               503: the Hugging Face Hub cannot be reached or answered an error
     └── EngineError                  502: the llama.cpp worker failed (crash, OOM, load error)
 """
@@ -51,6 +55,14 @@ class Forbidden(BridgeError):
     code = "forbidden"
 
 
+class OriginRefused(Forbidden):
+    code = "origin_not_allowed"
+
+
+class HostRefused(Forbidden):
+    code = "host_not_allowed"
+
+
 class NotFound(BridgeError):
     status = 404
     code = "not_found"
@@ -64,6 +76,11 @@ class Conflict(BridgeError):
 class PayloadTooLarge(BridgeError):
     status = 413
     code = "payload_too_large"
+
+
+class UnsupportedMediaType(BridgeError):
+    status = 415
+    code = "unsupported_media_type"
 
 
 class Busy(BridgeError):
@@ -102,3 +119,10 @@ class EngineError(BridgeError):
 class HubUnavailable(BridgeError):
     status = 503
     code = "hub_unavailable"
+
+
+class PlanFailed(BridgeError):
+    """The planner could not work out a placement; nothing is loaded with llama.cpp's defaults instead."""
+
+    status = 500
+    code = "plan_failed"

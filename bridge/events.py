@@ -69,9 +69,6 @@ class EventBus:
         self._subscribers.discard(sub)
 
     @property
-    def subscriber_count(self) -> int:
-        return len(self._subscribers)
-
     async def stream(self) -> AsyncIterator[Event]:
         sub = self.subscribe()
         try:

@@ -24,6 +24,7 @@ from itertools import accumulate
 
 from gguf.constants import GGMLQuantizationType as Q
 
+from .devices.placement import DevicePlacement
 from .errors import BadRequest
 from .gguf import GGUFHeader, ModelInfo, TensorInfo, model_info
 from .hardware import GPUInfo, HardwareReport, gb, short_gpu_name
@@ -85,6 +86,8 @@ class FitParams:
     n_cpu_moe: int = 0
     n_seq: int = 1
     swa_full: bool = False
+    # RAM the bridge keeps beside the model (the per-chat memory store): taken off the RAM budget.
+    extra_host_mib: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -688,6 +691,7 @@ class Budget:
     ram_usable: float
     cpu_repack: bool
     gpus: list[GPUInfo] = field(default_factory=list)
+    gpu_overhead: list[float] = field(default_factory=list)  # per GPU: what llama.cpp uses beyond buffers
 
     def fits(self, bd: Breakdown) -> bool:
         if bd.gpus and len(bd.gpus) != len(self.gpu_usable):
@@ -696,12 +700,22 @@ class Budget:
         return gpus_ok and bd.host.total_mib <= self.ram_usable
 
 
-def budget_for(report: HardwareReport) -> Budget:
+def budget_for(report: HardwareReport, extra_host_mib: float = 0.0) -> Budget:
     gpus = report.usable_gpus
     usable = [g.free_mib - max(GPU_MARGIN_MIN_MIB, GPU_MARGIN_FRACTION * g.total_mib) for g in gpus]
     ram_margin = max(RAM_MARGIN_MIN_MIB, RAM_MARGIN_FRACTION * report.ram_total_mib)
-    return Budget([float(g.free_mib) for g in gpus], usable, report.ram_available_mib - ram_margin,
-                  report.cpu.avx2, list(gpus))
+    ram_usable = report.ram_available_mib - ram_margin - extra_host_mib
+    return Budget([float(g.free_mib) for g in gpus], usable, ram_usable,
+                  report.cpu.avx2, list(gpus), [gpu_overhead_mib(g) for g in gpus])
+
+
+def gpu_overhead_mib(gpu: GPUInfo) -> float:
+    """Memory llama.cpp takes on a GPU beyond the buffers it logs: what an earlier load on this GPU and
+    driver measured, else the CUDA context measured on an H100. An RPC device's server holds its own
+    context on its own machine; a CPU server has none."""
+    if gpu.overhead_mib is not None:
+        return gpu.overhead_mib
+    return 0.0 if gpu.rpc_endpoint else float(CUDA_CONTEXT_MIB)
 
 
 @dataclass
@@ -717,11 +731,28 @@ class Plan:
     mode: str = "analytic"
     notes: list[str] = field(default_factory=list)
 
+    def placement(self) -> DevicePlacement:
+        """The devices and layers per device this plan chose, as the engine hands them to llama.cpp."""
+        bd = self.breakdown
+        if not bd.gpus or bd.gpu_layers == 0:
+            return DevicePlacement()
+        free = tuple(self.budget.gpu_free)
+        _, ranges, output = _spans(bd.n_layer, bd.gpu_layers, free)
+        counts = [(b - a) + (1 if output == g else 0) for g, (a, b) in enumerate(ranges)]
+        names = [device_name(gpu, g) for g, gpu in enumerate(self.budget.gpus)]
+        used = [(n, c) for n, c in zip(names, counts, strict=True) if c]
+        rpc = list(dict.fromkeys(gpu.rpc_endpoint for gpu in self.budget.gpus if gpu.rpc_endpoint))
+        return DevicePlacement(devices=[n for n, _ in used], layers=[c for _, c in used],
+                               n_cpu_moe=bd.n_cpu_moe, rpc_servers=rpc)
+
     def to_dict(self) -> dict[str, object]:
         bd = self.breakdown
         devices = [d.to_dict() for d in bd.devices]
-        for d, free in zip(devices[:-1], self.budget.gpu_free, strict=False):
+        for g, (d, free) in enumerate(zip(devices[:-1], self.budget.gpu_free, strict=False)):
             d["free_mib"] = _round(free)
+            if g < len(self.budget.gpus):
+                d["device"] = device_name(self.budget.gpus[g], g)
+        devices[-1]["device"] = "CPU"
         devices[-1]["available_mib"] = _round(self.budget.ram_usable)
         return {
             "model": self.model, "mode": self.mode, "verdict": self.verdict, "reason": self.reason,
@@ -734,6 +765,11 @@ class Plan:
         }
 
 
+def device_name(gpu: GPUInfo, position: int) -> str:
+    """llama.cpp's name for a GPU of the budget; NVML's n-th GPU is CUDA's n-th unless known better."""
+    return gpu.device or f"CUDA{gpu.index if not gpu.synthetic else position}"
+
+
 def plan(model: ModelLayout | GGUFHeader, report: HardwareReport, params: FitParams = FitParams()) -> Plan:
     """The best way to run the model on this machine: the most work on the GPU(s) that fits, with the
     verdict and a reason a person understands, and the largest contexts that would fit."""
@@ -741,7 +777,7 @@ def plan(model: ModelLayout | GGUFHeader, report: HardwareReport, params: FitPar
     info = layout.info
     params = replace(params, n_ctx=params.n_ctx or default_ctx(info))
     resolve_attention(params, info)  # bad settings fail here, with their own message
-    budget = budget_for(report)
+    budget = budget_for(report, params.extra_host_mib)
     table = LayerTable(layout)  # shared by every configuration tried below
     verdict, bd = _choose(table, params, budget)
     limit = max(info.n_ctx_train, params.n_ctx or 0)
@@ -809,7 +845,10 @@ def _kv_choices(params: FitParams) -> list[tuple[str, str]]:
 
 
 def _breakdown(table: LayerTable, params: FitParams, budget: Budget) -> Breakdown:
-    return table.breakdown(params, budget.gpu_free, budget.cpu_repack)
+    bd = table.breakdown(params, budget.gpu_free, budget.cpu_repack)
+    for device, overhead in zip(bd.gpus, budget.gpu_overhead, strict=False):
+        device.overhead_mib = overhead
+    return bd
 
 
 def _fits_full(table: LayerTable, params: FitParams, budget: Budget) -> bool:

@@ -210,10 +210,6 @@ class TensorInfo:
     shard: int = 0
 
     @property
-    def type_name(self) -> str:
-        return GGMLQuantizationType(self.ggml_type).name
-
-    @property
     def n_elements(self) -> int:
         n = 1
         for d in self.shape:
@@ -721,7 +717,7 @@ def model_info(header: GGUFHeader) -> ModelInfo:
         active = n_params - expert_params + expert_params * min(n_expert_used, n_expert) // n_expert
 
     sliding_window = meta.uint("attention.sliding_window")
-    swa_layers = _swa_layers(meta.raw("attention.sliding_window_pattern"), arch, n_layer, sliding_window)
+    swa_layers = swa_layers_for(meta.raw("attention.sliding_window_pattern"), arch, n_layer, sliding_window)
     recurrent_layers, n_embd_r, n_embd_s = _recurrent_shape(meta, n_layer, n_head_kv)
     # llama.cpp keeps no KV cache for recurrent layers, whatever the scalar head count says.
     n_head_kv = [0 if rec else h for h, rec in zip(n_head_kv, recurrent_layers, strict=True)]
@@ -780,7 +776,9 @@ def _mla_shape(meta: _Meta) -> tuple[int, int]:
     return kv_lora_rank, meta.uint("rope.dimension_count")
 
 
-def _swa_layers(pattern: Any, arch: str, n_layer: int, window: int) -> list[bool]:
+def swa_layers_for(pattern: Any, arch: str, n_layer: int, window: int) -> list[bool]:
+    """Which layers llama.cpp runs with the sliding window: the GGUF's pattern, else the one llama.cpp
+    hard-codes for the architecture; none for an architecture it runs with full attention."""
     if not window:
         return [False] * n_layer
     if isinstance(pattern, list):
@@ -819,7 +817,3 @@ def _recurrent_shape(meta: _Meta, n_layer: int, n_head_kv: list[int]) -> tuple[l
         return [(il + 1) % interval != 0 for il in range(n_layer)], n_embd_r, n_embd_s
     # Other hybrids (Jamba, Nemotron-H, Granite-H, LFM2): the layers without KV heads are the recurrent ones.
     return [h == 0 for h in n_head_kv], n_embd_r, n_embd_s
-
-
-def inspect_path(path: str | os.PathLike[str]) -> ModelInfo:
-    return model_info(read_file(path))

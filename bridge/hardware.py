@@ -19,8 +19,9 @@ H100 PCIe (1593 MHz, 5120 bit) 2039 GB/s; H100 SXM (2619 MHz, 5120 bit) 3352 GB/
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import importlib.metadata
+import logging
 import os
 import platform
 import re
@@ -32,7 +33,10 @@ from typing import Any
 
 import psutil
 
+from . import install_hint
 from .errors import BadRequest
+
+log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 
@@ -63,6 +67,9 @@ class GPUInfo:
     compute_capability: str | None = None  # "8.6"
     bandwidth_gbs: float | None = None  # from bus width x memory clock
     synthetic: bool = False  # made up by what_if(), not found on this machine
+    device: str | None = None  # llama.cpp's name for it (CUDA0, RPC0 ...); None: not known to this build
+    rpc_endpoint: str | None = None  # host:port of the RPC server that serves it
+    overhead_mib: float | None = None  # what llama.cpp uses beyond its buffers (learned; None: default)
 
 
 @dataclass
@@ -85,8 +92,9 @@ class HardwareReport:
 
     @property
     def usable_gpus(self) -> list[GPUInfo]:
-        """GPUs the engine can offload to (none when the build cannot)."""
-        return self.gpus if self.gpu_offload_supported else []
+        """Devices the engine can offload to: RPC servers' devices, and local GPUs when the build can use
+        them. RPC devices come first, as llama.cpp orders them."""
+        return [g for g in self.gpus if g.rpc_endpoint or self.gpu_offload_supported]
 
 
 # --- probe -------------------------------------------------------------------------------------------
@@ -97,14 +105,15 @@ def probe(nvml: Any = None, llama: Any = None) -> HardwareReport:
     ram, swap = psutil.virtual_memory(), psutil.swap_memory()
     cpu = cpu_info(llama=llama)
     gpus, nvml_error = nvidia_gpus(nvml)
+    substituted = llama is not None and not _is_real_module(llama)
     report = HardwareReport(
         cpu=cpu,
         ram_total_mib=ram.total // MIB,
         ram_available_mib=ram.available // MIB,
         swap_total_mib=swap.total // MIB,
         swap_free_mib=swap.free // MIB,
-        gpus=gpus,
-        gpu_offload_supported=bool(llama is not None and llama.llama_supports_gpu_offload()),
+        gpus=rpc_gpus() + gpus,
+        gpu_offload_supported=_local_offload(llama, substituted),
         nvml_error=nvml_error,
         in_docker=in_docker(),
         cpu_bandwidth_gbs=estimate_cpu_bandwidth(cpu.cores_physical),
@@ -113,6 +122,86 @@ def probe(nvml: Any = None, llama: Any = None) -> HardwareReport:
     )
     _explain_gpu_problem(report)
     return report
+
+
+def _is_real_module(llama: Any) -> bool:
+    return isinstance(llama, ModuleType) and llama.__name__ == "llama_cpp"
+
+
+def _local_offload(llama: Any, substituted: bool) -> bool:
+    """Whether this build can put layers on a GPU of this machine. `llama_supports_gpu_offload()` is true
+    for any build with the RPC backend, GPU or not, so the real answer comes from llama.cpp's device
+    list (read without touching a GPU's memory). A substituted module (tests) answers for itself."""
+    if llama is None:
+        return False
+    if substituted:
+        return bool(llama.llama_supports_gpu_offload())
+    from .devices import ggml
+
+    try:
+        return any(d.offloads and not d.is_rpc for d in ggml.devices_without_memory())
+    except (AttributeError, OSError) as exc:
+        log.warning("could not list llama.cpp's devices (%s); trusting llama_supports_gpu_offload()", exc)
+        return bool(llama.llama_supports_gpu_offload())
+
+
+# --- RPC servers: devices of other processes or machines ----------------------------------------------
+
+_rpc: dict[str, Any] = {"servers": (), "inventory": None}
+
+
+def use_rpc_servers(endpoints: list[str]) -> None:
+    """The RPC servers (host:port) whose devices the bridge plans with; probed once, then remembered,
+    since a server serves one client at a time and the engine's worker holds it while a model runs."""
+    if tuple(endpoints) != _rpc["servers"]:
+        _rpc["servers"], _rpc["inventory"] = tuple(endpoints), None
+
+
+def rpc_inventory() -> Any:
+    from .devices import inventory
+
+    if _rpc["inventory"] is None:
+        servers = list(_rpc["servers"])
+        _rpc["inventory"] = inventory.probe(servers) if servers else inventory.Inventory()
+    return _rpc["inventory"]
+
+
+def rpc_gpus() -> list[GPUInfo]:
+    """The devices of the configured RPC servers, as offload devices of the plan (RPC0, RPC1 ...)."""
+    if not _rpc["servers"]:
+        return []
+    found = []
+    for device in rpc_inventory().devices:
+        if not device.is_rpc:
+            continue
+        found.append(GPUInfo(index=len(found), name=f"{device.name} ({device.description})",
+                             total_mib=device.total_mib, free_mib=device.free_mib,
+                             used_mib=device.total_mib - device.free_mib, device=device.name,
+                             rpc_endpoint=device.description))
+    return found
+
+
+def process_gpu_mib(pid: int, nvml: Any = None) -> dict[str, float]:
+    """GPU memory NVML attributes to process `pid`, per CUDA device name; {} without NVML or GPU."""
+    try:
+        if nvml is None:
+            import pynvml as nvml
+        nvml.nvmlInit()
+    except Exception:  # no driver, no library: nothing to measure
+        return {}
+    found: dict[str, float] = {}
+    try:
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.pid == pid and proc.usedGpuMemory is not None:
+                    found[f"CUDA{index}"] = proc.usedGpuMemory / MIB
+    except Exception as exc:  # a driver that cannot say per process (some Windows modes): no figure
+        log.info("NVML per-process memory unavailable: %s", exc)
+    finally:
+        with contextlib.suppress(Exception):
+            nvml.nvmlShutdown()
+    return found
 
 
 def _import_llama() -> tuple[ModuleType | None, str | None]:
@@ -128,38 +217,17 @@ def _explain_gpu_problem(report: HardwareReport) -> None:
     """If an NVIDIA GPU is present but this build cannot use it, say so and how to fix it."""
     if not report.gpus or report.gpu_offload_supported:
         return
-    version = report.llama_cpp_version or _llama_version_for_install()
-    pin = f"=={version}" if version else ""
-    report.reinstall_command = (
-        f'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir llama-cpp-python{pin}'
-    )
+    report.reinstall_command = install_hint.reinstall_command(report.gpus, report.llama_cpp_version)
     if report.llama_cpp_version is None:
         report.gpu_problem = (
             "An NVIDIA GPU is present, but llama-cpp-python cannot be imported, so no model can run. "
-            "Install it with CUDA support (needs the CUDA toolkit)."
+            "Install a build that can use the GPU:"
         )
         return
     report.gpu_problem = (
         f"An NVIDIA GPU is present, but this llama-cpp-python build ({report.llama_cpp_version}) was built "
-        "without GPU support, so models run on the CPU only. Rebuild it with CUDA (needs the CUDA toolkit)."
+        "without GPU support, so models run on the CPU only. Install one that can use the GPU:"
     )
-
-
-def _llama_version_for_install() -> str | None:
-    """The installed llama-cpp-python version, else the one st-bridge pins, else None."""
-    try:
-        return importlib.metadata.version("llama-cpp-python")
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    try:
-        requirements = importlib.metadata.requires("st-bridge") or []
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    for req in requirements:
-        match = re.fullmatch(r"llama[-_]cpp[-_]python\s*==\s*([\w.]+)", req.strip(), re.IGNORECASE)
-        if match:
-            return match.group(1)
-    return None
 
 
 # --- CPU ---------------------------------------------------------------------------------------------
@@ -436,7 +504,7 @@ def report_lines(report: HardwareReport) -> list[str]:
     lines += _gpu_lines(report)
     lines.append(f"llama.cpp  {_llama_line(report)}")
     if report.gpu_problem:
-        lines += [f"Problem    {report.gpu_problem}", f"Fix        {report.reinstall_command}"]
+        lines += [f"Problem    {report.gpu_problem}", *install_hint.fix_lines(report)]
     if report.nvml_error and report.gpus:
         lines.append(f"NVML       {report.nvml_error}")
     if report.in_docker:

@@ -136,9 +136,6 @@ class HubClient:
         ]
         return gguf.read_sources(sources)
 
-    def read_model_info(self, repo: str, paths: list[str]) -> gguf.ModelInfo:
-        return gguf.model_info(self.read_header(repo, paths))
-
 
 def check_runnable(repo: str, files: list[RemoteFile]) -> None:
     """Refuse repositories with nothing llama.cpp can run, saying why and what to look for instead."""

@@ -53,8 +53,8 @@ from typing import Any
 
 from . import fit, library
 from .catalog import FILE_BPW, Catalog, CatalogFile, CatalogModel, base_quant, layout_from_dict
-from .errors import BridgeError, NotFound
-from .gguf import ModelInfo
+from .errors import BadRequest, NotFound
+from .gguf import ModelInfo, swa_layers_for
 from .hardware import HardwareReport, estimate_cpu_bandwidth, gb, what_if
 
 DEFAULT_CTX = 8192
@@ -231,7 +231,7 @@ def recommend(
 ) -> Recommendation:
     """Rank every catalog (model, quant) for this machine at this context."""
     if n_ctx < 256:
-        raise BridgeError(f"a context of {n_ctx} tokens is too small to chat; use 2048 or more")
+        raise BadRequest(f"a context of {n_ctx} tokens is too small to chat; use 2048 or more")
     budget = budget_for(report)
     fitting: list[Candidate] = []
     left_out: list[Candidate] = []
@@ -570,7 +570,7 @@ def estimated_layout(model: CatalogModel, f: CatalogFile) -> fit.ModelLayout:
         n_expert=s.n_expert,
         n_expert_used=s.n_expert_used,
         sliding_window=s.sliding_window or 0,
-        swa_layers=_swa(s.architecture, n_layer, s.sliding_window),
+        swa_layers=swa_layers_for(None, s.architecture or "", n_layer, s.sliding_window or 0),
         tied_output=s.tied_embeddings,
         file_type=base_quant(f.quant),
         size_bytes=total,
@@ -579,9 +579,3 @@ def estimated_layout(model: CatalogModel, f: CatalogFile) -> fit.ModelLayout:
     return fit.ModelLayout(info, [list(block) for _ in range(n_layer)], out, embd, 0, total)
 
 
-def _swa(arch: str | None, n_layer: int, window: int | None) -> list[bool]:
-    if not window:
-        return [False] * n_layer
-    if arch == "gemma2":
-        return [il % 2 == 0 for il in range(n_layer)]
-    return [True] * n_layer

@@ -101,17 +101,40 @@ export function describeStatus(status) {
 }
 
 /**
- * Memory in use from the load plan, when the planner reported it.
+ * The memory the load plan gives the model: its `devices` are the GPUs, then the host ("CPU"), each with
+ * `total_mib`.
  * @param {any} plan
  * @returns {string}
  */
 function memoryText(plan) {
-    const vram = plan?.vram_bytes ?? plan?.memory?.vram_bytes;
-    const ram = plan?.ram_bytes ?? plan?.memory?.ram_bytes;
+    const devices = Array.isArray(plan?.devices) ? plan.devices : [];
+    const mib = (/** @type {any[]} */ list) => list.reduce((sum, d) => sum + (Number(d.total_mib) || 0), 0);
+    const vram = mib(devices.filter((d) => d.device !== 'CPU'));
+    const ram = mib(devices.filter((d) => d.device === 'CPU'));
     const parts = [];
-    if (vram) parts.push(`${formatBytes(vram)} VRAM`);
-    if (ram) parts.push(`${formatBytes(ram)} RAM`);
+    if (vram) parts.push(`${formatBytes(vram * K ** 2)} VRAM`);
+    if (ram) parts.push(`${formatBytes(ram * K ** 2)} RAM`);
     return parts.join(' + ');
+}
+
+/**
+ * Memory per device: what the plan gave each device beside what llama.cpp allocated there after the load
+ * (weights + KV cache + compute buffers, in MiB). `off` marks a difference the bridge logged (over 5% or
+ * 64 MiB).
+ * @param {any} plan status.plan
+ * @returns {{device: string, planned: number, actual: number|null, off: boolean}[]}
+ */
+export function memoryRows(plan) {
+    const planned = plan?.planned ?? {};
+    const actual = plan?.actual?.devices ?? {};
+    const off = new Set((plan?.differences ?? []).map((/** @type {any} */ d) => d.device));
+    const names = [...new Set([...Object.keys(planned), ...Object.keys(actual)])];
+    return names.map((device) => {
+        const p = planned[device] ?? {};
+        const a = actual[device];
+        const total = Number(p.weights_mib || 0) + Number(p.kv_mib || 0) + Number(p.compute_mib || 0);
+        return { device, planned: total, actual: a ? Number(a.total_mib || 0) : null, off: off.has(device) };
+    });
 }
 
 /**

@@ -2,7 +2,8 @@
 // controller's state whenever it changes. Every selector is scoped to the panel's own #st_bridge_ ids.
 
 import { normalizeBaseUrl } from './api.js';
-import { ACTIVE_DOWNLOAD_STATES, contextChoices, describeStatus, downloadProgress, hardwareLine, verdictBadge }
+import { ACTIVE_DOWNLOAD_STATES, contextChoices, describeStatus, downloadProgress, formatBytes, hardwareLine, memoryRows,
+    verdictBadge }
     from './format.js';
 import { onOnlineStatusChanged, onlineStatus, toast } from './host.js';
 import { renderRecommendations, wireRecommendations } from './recommend.js';
@@ -35,6 +36,11 @@ export function wirePanel(controller) {
     $p('docker').prop('checked', settings.docker).on('change', function () {
         settings.docker = $(this).prop('checked');
         save();
+    });
+    $p('route').val(settings.route).on('change', function () {
+        settings.route = /** @type {any} */ (String($(this).val()));
+        save();
+        controller.retarget();
     });
     $p('api_key').val(getApiKey()).on('change', function () {
         setApiKey(String($(this).val()).trim());
@@ -79,12 +85,19 @@ async function run(action, title) {
 /** @param {import('./controller.js').Controller} controller */
 function render(controller) {
     renderLink(controller);
+    renderRoute(controller);
     $p('hardware').text(hardwareLine(controller.hardware));
     renderModel(controller);
     renderQuants(controller);
     renderContext(controller);
     renderSillyTavernState(controller);
     renderRecommendations(controller);
+}
+
+/** @param {import('./controller.js').Controller} controller */
+function renderRoute(controller) {
+    const through = controller.route() === 'sillytavern';
+    $p('route_state').text(through ? 'The panel\'s calls go through SillyTavern\'s server.' : '');
 }
 
 /** @param {import('./controller.js').Controller} controller */
@@ -108,8 +121,32 @@ function renderModel(controller) {
         $p('load_progress').find('.st-bridge-progress-text').text(`loading ${progress.model ?? ''} ${percent}%`);
     }
     $p('error').prop('hidden', !controller.lastError).text(controller.lastError);
+    renderMemory(controller.status?.state === 'ready' ? controller.status.plan : null);
     const hint = controller.status?.state === 'empty' ? controller.status.hint : '';
     if (hint && !controller.lastError) $p('model_details').text(hint);
+}
+
+/**
+ * Planned beside allocated memory per device, updated in place: one row per device.
+ * @param {any} plan
+ */
+function renderMemory(plan) {
+    const rows = plan ? memoryRows(plan) : [];
+    const table = $p('memory');
+    table.prop('hidden', rows.length === 0);
+    const body = table.find('tbody');
+    body.children().slice(rows.length).remove();
+    rows.forEach((row, i) => {
+        let tr = body.children().eq(i);
+        if (!tr.length) {
+            tr = $('<tr><td></td><td></td><td></td></tr>').appendTo(body);
+        }
+        const cells = tr.children();
+        cells.eq(0).text(row.device === 'CPU' ? 'RAM' : row.device);
+        cells.eq(1).text(formatBytes(row.planned * 1024 ** 2));
+        cells.eq(2).text(row.actual === null ? '—' : formatBytes(row.actual * 1024 ** 2));
+        tr.toggleClass('st-bridge-off', row.off).attr('data-device', row.device);
+    });
 }
 
 /** @param {import('./controller.js').Controller} controller */

@@ -5,6 +5,7 @@ pytest_plugins = [
     "tests.fixtures.tiny",
     "tests.fixtures.server",
     "tests.fixtures.hub",
+    "tests.fixtures.rpc",
     "tests.fixtures.sillytavern",
 ]
 

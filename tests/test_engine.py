@@ -9,13 +9,15 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator
+import statistics
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
-from bridge.engine.client import Engine
+from bridge.engine.client import MAX_CRASHES_IN_WINDOW, Engine
 from bridge.engine.types import GenerationRequest, GenerationResult, LoadSpec, SamplingParams, TokenChunk
 from bridge.errors import Busy, EngineError
 
@@ -108,17 +110,50 @@ async def test_a_load_failing_in_the_worker_brings_the_previous_model_back(
 
 # ---- tokens ----------------------------------------------------------------------------------------------
 
-async def test_tokenize_is_exact_and_needs_no_worker(engine: Engine) -> None:
-    ids = engine.tokenize(PROMPT, add_bos=True)
-    result = await collect(engine, short_request())
-    assert result.tokens_evaluated == len(ids)  # the worker evaluated exactly what we counted
+TEXTS = [PROMPT, "Hello world", "the dragon", "", "<|im_start|>system\nA knight.<|im_end|>\n"]
+
+
+@pytest.mark.parametrize("bos", [True, False], ids=["bos", "no-bos"])
+async def test_token_counts_are_what_the_worker_evaluates(bos: bool, tiny_model: Path,
+                                                          tiny_model_no_bos: Path) -> None:
+    """With and without a BOS in the vocabulary's wishes (the no-BOS one asks for an EOS instead, which
+    llama.cpp's own add-special flag would append)."""
+    engine = Engine()
+    try:
+        await engine.load(spec(tiny_model if bos else tiny_model_no_bos))
+        for text in TEXTS[:4]:
+            ids = engine.tokenize(text, add_bos=True)
+            assert (ids[:1] == [1]) is bos and 2 not in ids, (text, ids)  # BOS is 1 and EOS 2 in both
+            req = GenerationRequest(prompt=text, max_tokens=1, sampling=SamplingParams(temperature=0.0))
+            result = await collect(engine, req)
+            assert result.tokens_evaluated == max(len(ids), 1), text  # an empty prompt evaluates one token
+    finally:
+        await engine.close()
+
+
+async def test_tokenize_round_trips_and_merges(engine: Engine) -> None:
     assert engine.detokenize(engine.tokenize("Hello world")) == "Hello world"
     assert len(engine.tokenize("the dragon")) < len("the dragon")  # merges, not bytes
-    # During a generation, counting tokens answers from this process at once.
+    start, end = engine.tokenize("<|im_start|>"), engine.tokenize("<|im_end|>")  # specials: one token each
+    assert len(start) == len(end) == 1 and set(start + end) <= set(engine.tokenize(TEXTS[4]))
+
+
+async def test_token_counts_do_not_wait_behind_a_generation(engine: Engine) -> None:
+    """While a long reply streams, a count is answered within one decode step (it is never queued)."""
+    timings = (await collect(engine, short_request(64))).timings
+    step = timings.predicted_ms / 1000 / timings.predicted_n  # one decode step of this model, here, now
+    text = PROMPT * 8  # a chat's worth of text
+    counting: list[float] = []
     stream = engine.generate(long_request())
-    await anext(stream)
-    assert engine.tokenize("knight") == engine.tokenize("knight")
+    async for item in stream:
+        assert isinstance(item, TokenChunk)
+        started = time.perf_counter()
+        assert engine.tokenize(text, add_bos=True)
+        counting.append(time.perf_counter() - started)
+        if len(counting) == 25:
+            break
     await stream.aclose()
+    assert statistics.median(counting) < step, (counting, step)
 
 
 async def test_without_a_model_tokenize_and_generate_say_so() -> None:
@@ -205,6 +240,30 @@ async def test_requests_run_one_at_a_time_in_order_and_busy_past_the_bound(engin
     assert [r.text for r in results] == [results[0].text] * 2  # same greedy request, same answer, untangled
 
 
+async def test_a_queue_of_zero_serves_one_at_a_time_and_refuses_the_waiting(tiny_model: Path) -> None:
+    engine = Engine(max_queue=0)
+    try:
+        await engine.load(spec(tiny_model))
+        assert (await collect(engine, short_request())).tokens_predicted == 8  # idle: served
+        running = engine.generate(long_request())
+        await anext(running)
+        with pytest.raises(Busy):
+            engine.generate(short_request())  # it would have to wait, and no one may
+        await running.aclose()  # the turn passes on once the worker has confirmed the stop
+        await _wait_until(lambda: engine.status().state == "ready" and _accepts(engine))
+        assert (await collect(engine, short_request())).tokens_predicted == 8
+    finally:
+        await engine.close()
+
+
+def _accepts(engine: Engine) -> bool:
+    try:
+        engine.generate(short_request())  # not iterated: only the queue check runs
+    except Busy:
+        return False
+    return True
+
+
 # ---- crashes ---------------------------------------------------------------------------------------------
 
 async def test_a_killed_worker_ends_the_request_with_an_error_and_is_restarted(engine: Engine) -> None:
@@ -241,6 +300,28 @@ async def test_a_hung_worker_is_detected_killed_and_restarted(engine: Engine) ->
     after = await asyncio.wait_for(collect(engine, short_request()), 30)
     assert after.tokens_predicted == 8 and engine.worker_pid != pid
     assert not _alive(pid)
+
+
+async def test_a_worker_that_keeps_crashing_is_restarted_three_times_a_minute_then_left_down(
+        engine: Engine) -> None:
+    for restart in range(MAX_CRASHES_IN_WINDOW + 1):
+        pid = engine.worker_pid
+        assert pid is not None and engine.status().state == "ready", restart
+        os.kill(pid, signal.SIGKILL)
+        await _wait_until(lambda pid=pid: engine.worker_pid != pid or engine.status().state == "error")
+        if restart < MAX_CRASHES_IN_WINDOW:
+            await _wait_until(lambda: engine.status().state == "ready")
+    status = engine.status()
+    assert status.state == "error" and "crashed 4 times in a minute" in (status.error or "")
+    assert engine.worker_pid is None
+    with pytest.raises(EngineError):
+        await collect(engine, short_request())
+
+
+async def _wait_until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.02)
 
 
 async def test_close_stops_the_worker(tiny_model: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import struct
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -372,6 +371,3 @@ def test_sparse_specs_all_read(sparse_model):
         info = gguf.model_info(gguf.read_file(sparse_model(key)))
         assert info.n_layer > 0 and info.size_bytes > 0, key
 
-
-def test_inspect_path_shortcut(llama8b_path: Path):
-    assert gguf.inspect_path(llama8b_path).n_layer == 32

@@ -17,7 +17,7 @@ import psutil
 import pynvml
 import pytest
 
-from bridge import hardware
+from bridge import hardware, install_hint
 from bridge.cli import main
 from bridge.errors import BadRequest
 from bridge.hardware import GPUInfo, probe, summary_line, what_if
@@ -129,6 +129,7 @@ def test_ram_swap_and_cores_match_psutil() -> None:
     assert 0 < report.ram_available_mib <= report.ram_total_mib
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/cpuinfo is Linux's")
 def test_cpu_flags_match_proc_cpuinfo() -> None:
     flags_line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
                       if line.startswith("flags"))
@@ -149,11 +150,18 @@ def test_this_machine_has_no_gpu_and_says_so() -> None:
     assert summary_line(report).startswith("No NVIDIA GPU · ")
 
 
-def test_offload_support_is_what_the_installed_build_says() -> None:
+def test_offload_support_is_a_local_gpu_in_llama_cpps_device_list() -> None:
+    """With the RPC backend compiled in, `llama_supports_gpu_offload()` is true on a CPU-only build; the
+    report looks at the devices llama.cpp really has."""
     import llama_cpp
 
+    from bridge.devices import ggml
+
     report = probe()
-    assert report.gpu_offload_supported == llama_cpp.llama_supports_gpu_offload()
+    local_gpus = [d for d in ggml.devices_without_memory() if d.offloads and not d.is_rpc]
+    assert report.gpu_offload_supported == bool(local_gpus)
+    if llama_cpp.llama_supports_rpc() and not local_gpus:  # this test machine: RPC built in, no GPU
+        assert llama_cpp.llama_supports_gpu_offload() and not report.gpu_offload_supported
     assert report.llama_cpp_version == llama_cpp.__version__
     assert report.llama_cpp_error is None
 
@@ -298,15 +306,17 @@ def test_bindings_without_a_function_do_not_crash() -> None:
 
 # --- the build cannot use the GPU --------------------------------------------------------------------
 
-REINSTALL = ('CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir '
-             "llama-cpp-python==0.3.36")
+def is_prebuilt_install(command: str, version: str) -> bool:
+    """A command that installs a prebuilt wheel of `version` (tests/test_install_hint.py checks the rest)."""
+    return (f"--only-binary llama-cpp-python --extra-index-url {install_hint.WHEEL_INDEX}/" in command
+            and command.endswith(f" llama-cpp-python=={version}") and "CMAKE_ARGS" not in command)
 
 
 def test_gpu_present_but_build_cannot_offload() -> None:
     report = probe(nvml=FakeNVML([RTX_3080]), llama=cuda_llama(offload=False))
     assert report.gpus and report.usable_gpus == []
     assert "without GPU support" in report.gpu_problem
-    assert report.reinstall_command == REINSTALL
+    assert is_prebuilt_install(report.reinstall_command, "0.3.36")
     assert "not usable by this llama-cpp-python build" in summary_line(report)
 
 
@@ -316,7 +326,7 @@ def test_gpu_present_with_the_installed_cpu_build() -> None:
     if llama_cpp.llama_supports_gpu_offload():
         pytest.skip("the installed llama-cpp-python can offload")
     report = probe(nvml=FakeNVML([RTX_3080]))
-    assert report.reinstall_command.endswith(f"llama-cpp-python=={llama_cpp.__version__}")
+    assert is_prebuilt_install(report.reinstall_command, llama_cpp.__version__)
 
 
 def test_gpu_present_but_llama_cpp_cannot_be_imported(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -324,7 +334,7 @@ def test_gpu_present_but_llama_cpp_cannot_be_imported(monkeypatch: pytest.Monkey
     report = probe(nvml=FakeNVML([RTX_3080]))
     assert report.llama_cpp_version is None and "cannot be imported" in report.llama_cpp_error
     assert "cannot be imported" in report.gpu_problem
-    assert report.reinstall_command.startswith('CMAKE_ARGS="-DGGML_CUDA=on" pip install')
+    assert is_prebuilt_install(report.reinstall_command, install_hint.version_to_install())
 
 
 # --- what if -----------------------------------------------------------------------------------------
@@ -419,4 +429,5 @@ def test_cli_shows_gpus_and_the_fix(
     assert "GPU 0      NVIDIA GeForce RTX 3080 · 10240 MiB total, 9420 MiB free, 820 MiB used" in out
     assert "GPU 1      NVIDIA GeForce RTX 3090" in out
     assert "compute capability 8.6 · 760.1 GB/s · driver 550.54.14" in out
-    assert f"Fix        {REINSTALL.replace('0.3.36', llama_cpp.__version__)}" in out
+    fix = next(line for line in out.splitlines() if line.startswith("Fix        "))
+    assert is_prebuilt_install(fix, llama_cpp.__version__)

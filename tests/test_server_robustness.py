@@ -9,6 +9,7 @@ import signal
 import aiohttp
 import psutil
 
+from bridge.engine.client import RETRY_AFTER_S
 from tests.fixtures.server import st_extract_message, st_parse_stream
 
 PROMPTS = [
@@ -45,6 +46,7 @@ async def test_twenty_requests_from_four_clients_all_complete_unmixed(bridge_ser
 
 
 async def test_past_the_queue_bound_503_with_retry_after(start_bridge, model_1b):
+    """The real queue's bound, in every dialect ST uses, with the envelope each one reads."""
     server = start_bridge("--model", str(model_1b), "--ctx", "512", "--max-queue", "1")
     long = greedy("the long night", n_predict=500, ignore_eos=True, stream=True)
     async with aiohttp.ClientSession(server.url) as http:
@@ -56,10 +58,16 @@ async def test_past_the_queue_bound_503_with_retry_after(start_bridge, model_1b)
                 break
             await asyncio.sleep(0.05)
         assert server.status()["queue_length"] == 1
-        async with http.post("/completion", json=greedy("one too many")) as refused:
-            assert refused.status == 503
-            assert int(refused.headers["Retry-After"]) > 0
-            assert "waiting" in (await refused.json())["error"]["message"]
+        for path, body in [("/completion", greedy("one too many")),
+                           ("/v1/completions", {"prompt": "one too many", "max_tokens": 2}),
+                           ("/api/v1/generate", {"prompt": "one too many", "max_length": 2})]:
+            async with http.post(path, json=body) as refused:
+                assert refused.status == 503, path
+                assert refused.headers["Retry-After"] == str(RETRY_AFTER_S), path
+                error = await refused.json()
+                assert "waiting" in error["error"]["message"], path
+                if path == "/api/v1/generate":  # KoboldAI's own shape, which ST's koboldcpp type reads
+                    assert error["detail"]["msg"] == error["error"]["message"]
         running.close()
         queued = await waiting
         assert queued.status == 200 and st_extract_message(await queued.json())

@@ -179,9 +179,11 @@ def _quants(app: web.Application, model: str, n_ctx: int) -> dict[str, Any]:
 
 
 def _machine(app: web.Application, gpu_mib: list[int] | None, ram_mib: int | None) -> HardwareReport:
+    """The machine to recommend for: with a model loaded, the memory it holds counts as free (picking
+    another model replaces it); a what-if replaces the figures altogether."""
     report = app[PROBE_KEY]()
     if gpu_mib is None and ram_mib is None:
-        return report
+        return app[MANAGER_KEY].planning_machine(report)
     return recommend.what_if_machine(report, gpu_mib, ram_mib)
 
 
@@ -244,13 +246,15 @@ def _int(query: Any, name: str, default: int | None) -> int | None:
     return default if value in (None, "") else _to_int(name, value)
 
 
+# The largest value of each numeric query parameter: a context, a list length, MiB of GPU memory and RAM.
+QUERY_MAX = {"ctx": 1 << 24, "limit": 1000, "gpu_mib": 1 << 24, "ram_mib": 1 << 26}
+
+
 def _to_int(name: str, value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise BadRequest(f"{name} must be a whole number, not {value!r}") from None
-    if number < 0:
-        raise BadRequest(f"{name} must be 0 or more, not {number}")
+    limit = QUERY_MAX[name]
+    number = int(value) if value.isascii() and value.isdigit() and len(value) <= 12 else None
+    if number is None or number > limit:
+        raise BadRequest(f"{name} must be a whole number from 0 to {limit}, not {value[:40]!r}")
     return number
 
 

@@ -17,10 +17,14 @@ from pydantic import Field
 
 from .. import library
 from ..config import Settings, last_model, remember_model
+from ..devices.actual import Allocation, compare
+from ..devices.overhead import learned_overheads
 from ..engine.types import LoadSpec
-from ..errors import BadRequest, BridgeError, EngineError, NotEnoughMemory, NotFound
+from ..errors import BadRequest, BridgeError, EngineError, NotFound
 from ..events import Event, EventBus
 from ..gguf import GGUFHeader, ModelInfo, model_info, read_file
+from ..hardware import HardwareReport
+from ..planning import LoadedUse, LoadPlan, after_unload, budget_note, loaded_use, plan_load
 from . import BUS_KEY, MANAGER_KEY, SETTINGS_KEY, EngineLike
 from .schemas import LoadBody
 from .streaming import sse_open, sse_send
@@ -51,6 +55,7 @@ class ModelManager:
         self._lock = asyncio.Lock()
         self._incoming: str | None = None  # the id of the model a load under way brings in
         self._overrides: dict[str, Any] = {}  # the settings the loaded model was asked for
+        self.loaded: LoadedUse | None = None  # what the loaded model's worker holds, measured after its load
 
     # --- what is loaded ---
 
@@ -135,21 +140,23 @@ class ModelManager:
         path, model_id = self._locate(model, trusted)
         try:
             header = await asyncio.to_thread(read_file, path)
-            plan = await asyncio.to_thread(plan_for, header, self.settings, overrides)
+            planned = await asyncio.to_thread(self._plan, header, overrides)
         except BridgeError as exc:
             self.bus.publish("error", {"model": model_id, "model_id": model_id, "message": exc.message})
             raise
         spec = LoadSpec(
             model_path=str(path),
             model_id=model_id,
-            n_ctx=plan["n_ctx"],
-            n_gpu_layers=plan["n_gpu_layers"],
-            kv_type=plan["kv_type"],
-            flash_attn=plan["flash_attn"],
+            n_ctx=planned.n_ctx,
+            n_gpu_layers=planned.placement.n_gpu_layers,
+            kv_type=planned.kv_type,
+            flash_attn=planned.flash_attn,
             chat_memory_mib=self.settings.chat_memory_mib,
             chat_memory_disk_mib=self.settings.chat_memory_disk_mib,
             chat_memory_dir=str(self.settings.data_dir / "chat-memory"),
+            placement=planned.placement,
         )
+        plan = planned.summary
         requested = {key: value for key, value in overrides.items() if value is not None}
         # A client that gives up waiting must not cancel a load half-way: it runs as its own task.
         task = asyncio.ensure_future(self._load(spec, plan, model_info(header), requested, cancel_running))
@@ -188,11 +195,46 @@ class ModelManager:
                 "n_gpu_layers": status.n_gpu_layers,
                 "kv_type": status.kv_type,
                 "flash_attn": status.flash_attn,
-            }
+            } | self._check_allocation(spec.model_id, plan, status)
             self._announce_ready()
             self.bus.publish("model_loaded", named | {"plan": self.plan})
             self.bus.publish("status", self.status_dict())
             return {"model": spec.model_id, "plan": self.plan, "status": self.status_dict()}
+
+    def _plan(self, header: GGUFHeader, overrides: dict[str, Any]) -> LoadPlan:
+        """The request's settings, then the config's, then the planner's for the rest, on the memory the
+        machine will have once the loaded model is gone."""
+        chosen = {
+            "n_ctx": overrides.get("ctx") or self.settings.ctx,
+            "n_gpu_layers": _gpu_layers(overrides.get("gpu_layers"), self.settings.gpu_layers),
+            "kv_type": overrides.get("kv_type") or self.settings.kv_type,
+            "flash_attn": _first(overrides.get("flash_attn"), self.settings.flash_attn),
+        }
+        return plan_load(header, self.planning_machine(), chosen,
+                         extra_host_mib=self.settings.chat_memory_mib, budget=budget_note(self.loaded))
+
+    def planning_machine(self, report: HardwareReport | None = None) -> HardwareReport:
+        """The machine plans are made for: free memory now, plus what the loaded model holds."""
+        from ..hardware import probe
+
+        report = report if report is not None else probe()
+        learned_overheads(self.settings.data_dir).apply(report)
+        return after_unload(report, self.loaded)
+
+    def _check_allocation(self, model_id: str, plan: dict[str, Any], status: Any) -> dict[str, Any]:
+        """Plan beside what llama.cpp allocated, per device; differences over 5% or 64 MiB are logged.
+        Also measures what the new worker holds, for the next plans, and learns each GPU's overhead."""
+        from ..hardware import probe
+
+        report = probe()
+        self.loaded = loaded_use(model_id, status.pid, status.allocation, report.usable_gpus)
+        learned_overheads(self.settings.data_dir).learn(report.usable_gpus, self.loaded, status.allocation)
+        actual = Allocation.from_dict(status.allocation)
+        differences = compare(plan.get("planned", {}), actual)
+        for diff in differences:
+            log.warning("%s: %s", model_id, diff)
+        return {"actual": status.allocation, "differences": [d.to_dict() for d in differences],
+                "loaded_use": self.loaded.to_dict()}
 
     async def _engine_load(self, spec: LoadSpec, cancel_running: bool) -> Any:
         if cancel_running:
@@ -217,7 +259,7 @@ class ModelManager:
     async def unload(self) -> None:
         async with self._lock:
             await self.engine.unload()
-            self.info, self.plan = None, None
+            self.info, self.plan, self.loaded = None, None, None
             self.bus.publish("model_unloaded", {})
             self.bus.publish("status", self.status_dict())
 
@@ -281,25 +323,6 @@ CHATML = (
 
 # --- planning ----------------------------------------------------------------------------------------
 
-FLASH_MODES = {True: "on", False: "off", None: "auto"}
-
-
-def plan_for(header: GGUFHeader, settings: Settings, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Settings for a load: the request's, then the config's, then the fit planner's for the rest."""
-    info = model_info(header)
-    chosen = {
-        "n_ctx": overrides.get("ctx") or settings.ctx,
-        "n_gpu_layers": _gpu_layers(overrides.get("gpu_layers"), settings.gpu_layers),
-        "kv_type": overrides.get("kv_type") or settings.kv_type,
-        "flash_attn": _first(overrides.get("flash_attn"), settings.flash_attn),
-    }
-    planned = _planner(header, info, chosen)
-    plan = {key: _first(value, planned.get(key)) for key, value in chosen.items()}
-    if plan["n_ctx"] is None:  # no planner: a context that any machine running this model can hold
-        plan["n_ctx"] = min(info.n_ctx_train or FALLBACK_CTX, FALLBACK_CTX)
-    return plan | {k: v for k, v in planned.items() if k not in plan}
-
-
 def _gpu_layers(requested: Any, configured: int | None) -> int | None:
     if requested == "auto" or requested is None:
         return configured
@@ -311,39 +334,6 @@ def _gpu_layers(requested: Any, configured: int | None) -> int | None:
 
 def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
-
-
-def _planner(header: GGUFHeader, info: ModelInfo, chosen: dict[str, Any]) -> dict[str, Any]:
-    """The fit planner's choices for what was not chosen; {} when the planner cannot say."""
-    from .. import fit
-    from ..hardware import probe
-
-    layers = chosen["n_gpu_layers"]
-    params = fit.FitParams(
-        n_ctx=chosen["n_ctx"],
-        kv_type_k=chosen["kv_type"],
-        kv_type_v=chosen["kv_type"],
-        flash_attn=FLASH_MODES[chosen["flash_attn"]],
-        gpu_layers=info.n_layer + 1 if layers == -1 else layers,
-    )
-    try:
-        result = fit.plan(header, probe(), params).to_dict()
-    except BridgeError:
-        raise  # settings the planner refuses (e.g. a q8_0 V cache without flash attention)
-    except Exception:
-        log.exception("the fit planner failed; loading with llama.cpp's defaults")
-        return {}
-    if result["verdict"] == "wont_fit":
-        raise NotEnoughMemory(f"{info.name or 'this model'} does not fit: {result['reason']}")
-    kv_type = result["kv_type_k"] if result["kv_type_k"] == result["kv_type_v"] else None
-    return {
-        "n_ctx": result["n_ctx"],
-        "n_gpu_layers": result["gpu_layers"],
-        "kv_type": kv_type,
-        "flash_attn": result["flash_attn"],
-        "verdict": result["verdict"],
-        "reason": result["reason"],
-    }
 
 
 def verdict_for(header: GGUFHeader, settings: Settings, report: Any) -> dict[str, Any] | None:
@@ -378,15 +368,14 @@ async def hardware(request: web.Request) -> web.Response:
 @routes.get("/bridge/v1/models")
 async def models(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS_KEY]
-    loaded = request.app[MANAGER_KEY].model_name()
-    found = await asyncio.to_thread(_describe_all, settings, loaded)
+    manager = request.app[MANAGER_KEY]
+    found = await asyncio.to_thread(_describe_all, settings, manager)
     return web.json_response({"models_dir": str(settings.models_path), "models": found})
 
 
-def _describe_all(settings: Settings, loaded: str) -> list[dict[str, Any]]:
-    from ..hardware import probe
-
-    report = probe()
+def _describe_all(settings: Settings, manager: ModelManager) -> list[dict[str, Any]]:
+    loaded = manager.model_name()
+    report = manager.planning_machine()  # the loaded model's own memory counts as free for its siblings
     described = []
     for model in library.scan(settings.models_path):
         entry: dict[str, Any] = {

@@ -39,9 +39,11 @@ from bridge.errors import BadRequest, Busy, EngineError
 log = logging.getLogger(__name__)
 
 EventCallback = Callable[[str, dict[str, Any]], None]
-# A worker that crashes again this soon after a restart is not restarted a third time.
+# A crashed worker is restarted, at most MAX_CRASHES_IN_WINDOW times within CRASH_WINDOW_S: one more crash in
+# that time leaves the engine in the "error" state.
 CRASH_WINDOW_S = 60.0
 MAX_CRASHES_IN_WINDOW = 3
+RETRY_AFTER_S = 5  # what a request refused by a full queue is told (HTTP Retry-After)
 
 
 @dataclass
@@ -128,9 +130,15 @@ class Engine:
     """Server-side handle of the llama.cpp worker process (one loaded model at a time)."""
 
     def __init__(self, *, max_queue: int = 16, on_event: EventCallback | None = None,
-                 hang_timeout_s: float = 120.0, cancel_timeout_s: float = 30.0) -> None:
+                 hang_timeout_s: float = 120.0, cancel_timeout_s: float = 30.0,
+                 load_stall_s: float = 300.0, load_timeout_s: float = 3600.0) -> None:
         self.max_queue = max_queue
+        # A generation is hung when the worker reports no progress for this long. Progress is every
+        # message: a token, a prompt batch done, or a heartbeat from inside llama.cpp's compute
+        # (engine/progress.py), so a batch that takes minutes on a slow machine is not mistaken for a hang.
         self.hang_timeout_s = hang_timeout_s
+        self.load_stall_s = load_stall_s  # a load with no progress message for this long is stopped
+        self.load_timeout_s = load_timeout_s  # and one that has not finished after this long
         self.cancel_timeout_s = cancel_timeout_s
         self._on_event = on_event
         self._turns = Turns()
@@ -203,6 +211,8 @@ class Engine:
             queue_length=self._turns.waiting,
             error=self._error,
             load_progress=self._progress,
+            allocation=info.get("allocation", {}),
+            pid=info.get("pid"),
         )
 
     @property
@@ -225,8 +235,9 @@ class Engine:
         self._emit("loading", {"model_id": spec.model_id, "progress": 0.0})
         worker = _Worker(spec=spec, loop=asyncio.get_running_loop(), on_exit=self._on_worker_exit)
         await asyncio.to_thread(worker.start)  # spawning a process takes a moment: not on the event loop
+        deadline = time.monotonic() + self.load_timeout_s
         while True:
-            message = await worker.messages.get()
+            message = await self._load_message(worker, deadline)
             kind = message[0]
             if kind == "progress":
                 self._progress = message[1]
@@ -242,6 +253,18 @@ class Engine:
                 self._state, self._error = "error", f"could not load {spec.model_id}: {reason}"
                 self._emit("error", {"model_id": spec.model_id, "message": self._error})
                 raise EngineError(self._error)
+
+    async def _load_message(self, worker: _Worker, deadline: float) -> tuple[Any, ...]:
+        """The loading worker's next message; a load that stalls or overruns becomes a load error."""
+        wait = min(self.load_stall_s, deadline - time.monotonic())
+        try:
+            async with asyncio.timeout(max(wait, 0.0)):
+                return await worker.messages.get()
+        except TimeoutError:
+            why = (f"it reported no progress for {self.load_stall_s:g} s" if wait >= self.load_stall_s
+                   else f"it had not finished after {self.load_timeout_s:g} s")
+            log.error("engine: stopping the load of %s: %s", worker.spec.model_id, why)
+            return ("load_error", f"the load was stopped: {why}")
 
     async def _restore(self, spec: LoadSpec) -> None:
         """Bring the previous model back after a failed swap (its vocabulary is still loaded)."""
@@ -326,9 +349,10 @@ class Engine:
         return self._worker.send(("cancel", self._running_id))
 
     def _check_queue(self) -> None:
-        if self._turns.waiting >= self.max_queue:
-            raise Busy(f"{self._turns.waiting} requests are already waiting for the model; try again shortly",
-                       retry_after_s=5)
+        """`max_queue` bounds the requests that wait; one that would run at once is never refused."""
+        if not self._turns.free and self._turns.waiting >= self.max_queue:
+            raise Busy(f"{self._turns.waiting} requests are already waiting for the model (at most "
+                       f"{self.max_queue} may); try again shortly", retry_after_s=RETRY_AFTER_S)
 
     async def _generate(self, req: GenerationRequest) -> AsyncIterator[TokenChunk | GenerationResult]:
         self._check_open()
@@ -378,7 +402,7 @@ class Engine:
                 async with asyncio.timeout(self.hang_timeout_s):  # (cheaper per token than wait_for)
                     message = await worker.messages.get()
             except TimeoutError:
-                yield self._crashed(worker, f"the engine produced nothing for {self.hang_timeout_s:.0f} s "
+                yield self._crashed(worker, f"the engine reported no progress for {self.hang_timeout_s:g} s "
                                             "(it hung)")
                 return
             kind = message[0]

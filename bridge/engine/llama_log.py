@@ -7,9 +7,11 @@ errors, so a failed load can say *why* ("tensor data is not within the file boun
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
 from collections import deque
+from collections.abc import Iterator
 
 import llama_cpp
 
@@ -21,9 +23,12 @@ _LEVEL_CONT = 5
 _recent: deque[str] = deque(maxlen=40)
 _lock = threading.Lock()
 _state = {"last_kept": False}
+_captured: list[str] | None = None  # every line, debug included, while a load is being recorded
 
 
 def _on_log(level: int, text: bytes | None, _user_data: ctypes.c_void_p) -> None:
+    if _captured is not None and text:
+        _captured.append(text.decode("utf-8", errors="replace"))
     if level == _LEVEL_CONT:
         keep = _state["last_kept"]
     else:
@@ -55,3 +60,16 @@ def recent(limit: int = 5) -> list[str]:
     """The last warnings and errors llama.cpp logged, oldest first."""
     with _lock:
         return list(_recent)[-limit:]
+
+
+@contextlib.contextmanager
+def capture() -> Iterator[list[str]]:
+    """Record every line llama.cpp logs meanwhile (a load: its buffers per device are logged at info and
+    debug level, which are otherwise dropped). The list fills as lines arrive."""
+    global _captured
+    lines: list[str] = []
+    _captured = lines
+    try:
+        yield lines
+    finally:
+        _captured = None

@@ -26,8 +26,9 @@ class Turns:
         return sum(1 for f in self._waiters if not f.done())
 
     @property
-    def busy(self) -> bool:
-        return self._busy
+    def free(self) -> bool:
+        """A request asking now would run at once: none runs, none waits, no load holds the turns."""
+        return not self._busy and not self._blocks and not self.waiting
 
     async def acquire(self) -> None:
         """Wait for this request's turn (FIFO)."""

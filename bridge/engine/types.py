@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from bridge.devices.placement import DevicePlacement
+
 StopType = Literal["eos", "word", "limit", "abort", "error"]
 EngineState = Literal["empty", "loading", "ready", "error"]
 # The samplers of the chain's ordered part, in llama.cpp's default order (common/common.h). The dialects
@@ -135,6 +137,10 @@ class LoadSpec:
     chat_memory_mib: int = 1024
     chat_memory_disk_mib: int = 0
     chat_memory_dir: str | None = None
+    # Devices, layers per device and experts in host memory, as planned. None: llama.cpp's own defaults
+    # (only for direct engine use; the bridge always loads a plan).
+    placement: DevicePlacement | None = None
+    use_mmap: bool = True
 
 
 @dataclass
@@ -150,3 +156,5 @@ class EngineStatus:
     queue_length: int = 0
     error: str | None = None
     load_progress: float = 0.0
+    allocation: dict = field(default_factory=dict)  # llama.cpp's buffers per device (devices/actual.py)
+    pid: int | None = None  # the worker process

@@ -47,13 +47,10 @@ class Vocab:
         self._vocab = llama_cpp.llama_model_get_vocab(model)
         self._lock = threading.Lock()
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
-        self.bos = llama_cpp.llama_vocab_bos(self._vocab)
-        self.eos = llama_cpp.llama_vocab_eos(self._vocab)
-        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
 
     def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
-        """Token ids of `text`; special tokens written in the text (`<|im_start|>`) count as one token,
-        as they do when the worker evaluates a prompt."""
+        """Token ids of `text`, exactly as the worker evaluates it as a prompt: special tokens written in
+        the text (`<|im_start|>`) count as one token, and `add_bos` adds what the model adds."""
         data = text.encode("utf-8")
         with self._lock:
             self._check_open()
@@ -66,11 +63,6 @@ class Vocab:
             if bad:
                 raise EngineError(f"token ids {bad[:5]} are outside this vocabulary (0..{self.n_vocab - 1})")
             return detokenize(self._vocab, ids)
-
-    def piece(self, token: int) -> str:
-        with self._lock:
-            self._check_open()
-            return token_piece(self._vocab, token).decode("utf-8", errors="replace")
 
     def close(self) -> None:
         with self._lock:
@@ -89,13 +81,19 @@ class Vocab:
 
 
 def tokenize(vocab: llama_cpp.llama_vocab_p, data: bytes, add_bos: bool) -> list[int]:
+    """The ids of `data`; with `add_bos`, the BOS when the vocabulary asks for one (`add_bos_token`).
+
+    llama.cpp's own flag (`add_special`) adds a BOS only where the vocabulary asks for one, but also an EOS
+    wherever it asks for that, BOS or not: so it is set only for vocabularies that want a BOS. The server's
+    token counts and the worker's prompts both come from here."""
+    add_special = add_bos and bool(llama_cpp.llama_vocab_get_add_bos(vocab))
     capacity = len(data) + 8
     buf = (llama_cpp.llama_token * capacity)()
-    n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, capacity, add_bos, True)
+    n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, capacity, add_special, True)
     if n < 0:  # more tokens than bytes cannot happen with SPM/BPE, but the API allows it: retry bigger
         capacity = -n
         buf = (llama_cpp.llama_token * capacity)()
-        n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, capacity, add_bos, True)
+        n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, capacity, add_special, True)
     return list(buf[:n])
 
 

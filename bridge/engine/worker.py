@@ -34,8 +34,12 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
+from bridge.devices.actual import Allocation, parse_load_log, rpc_buffer_aliases
+from bridge.devices.ggml import RPCUnavailable, devices_without_memory
+from bridge.devices.placement import model_params
 from bridge.engine import llama_log
 from bridge.engine.chat_memory import MIB, MIN_WORTH, ChatMemory, leaves
+from bridge.engine.progress import DECODE_ABORTED, ComputeWatch
 from bridge.engine.reuse import common_prefix, plan_reuse
 from bridge.engine.sampling import Chain, build_chain
 from bridge.engine.stops import StopScanner
@@ -83,6 +87,7 @@ class Runner:
     ctx: llama_cpp.llama_context_p
     n_gpu_layers: int
     cached: list[int] = field(default_factory=list)
+    allocation: Allocation = field(default_factory=Allocation)  # what llama.cpp allocated, per device
 
     def __post_init__(self) -> None:
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
@@ -100,6 +105,7 @@ class Runner:
         # A shift moves positions at once but re-rotates the keys only at the next decode, and a saved
         # state holds positions, not pending rotations: no saving in between.
         self._shift_pending = False
+        self.watch = ComputeWatch(self.ctx)  # heartbeats and cancels inside long batches (progress.py)
 
     # ---- loading -------------------------------------------------------------------------------------
 
@@ -107,16 +113,19 @@ class Runner:
     def load(cls, spec: LoadSpec, on_progress: Any = None) -> Runner:
         init_backend()
         llama_log.clear()
-        model = _load_model(spec, on_progress)
-        try:
-            ctx = _new_context(model, spec)
-        except LoadFailed:
-            llama_cpp.llama_model_free(model)
-            raise
+        with llama_log.capture() as log_pieces:
+            model = _load_model(spec, on_progress)
+            try:
+                ctx = _new_context(model, spec)
+            except LoadFailed:
+                llama_cpp.llama_model_free(model)
+                raise
         layers = _gpu_layers(spec)
         if layers < 0:  # "all": every block plus the output layer, as the planner counts them
             layers = llama_cpp.llama_model_n_layer(model) + 1
         runner = cls(spec=spec, model=model, ctx=ctx, n_gpu_layers=layers)
+        aliases = rpc_buffer_aliases(devices_without_memory()) if spec.placement else {}
+        runner.allocation = parse_load_log("".join(log_pieces).splitlines(), aliases)
         runner.warm_up()
         return runner
 
@@ -139,6 +148,7 @@ class Runner:
             "chat_template": template.decode("utf-8", errors="replace") if template else "",
             "can_shift": self.can_shift,
             "pid": os.getpid(),
+            "allocation": self.allocation.to_dict(),
         }
 
     def close(self) -> None:
@@ -192,7 +202,8 @@ class Runner:
         for at in range(0, len(rest), self.n_ubatch):
             cancelled()
             chunk = rest[at:at + self.n_ubatch]
-            self._decode(chunk)
+            with self.watch.watching(stop=_asks_to_stop(cancelled), beat=_still_at(progress, at, len(rest))):
+                self._decode(chunk)
             self.cached.extend(chunk)
             if progress is not None:
                 progress(at + len(chunk), len(rest))
@@ -229,7 +240,11 @@ class Runner:
             if not idle():
                 return
             chunk = tokens[at:at + SETTLE_BATCH]
-            self._decode(chunk)
+            try:
+                with self.watch.watching(stop=lambda: not idle()):
+                    self._decode(chunk)
+            except Cancelled:
+                return  # a request arrived mid-batch: it goes first
             self.cached.extend(chunk)
 
     # ---- per-chat memory ---------------------------------------------------------------------------
@@ -274,7 +289,6 @@ class Runner:
         return True
 
     def tokenize_text(self, text: str, add_bos: bool) -> list[int]:
-        add_bos = add_bos and bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         return tokenize(self.vocab, text.encode("utf-8"), add_bos)
 
     # ---- generation ----------------------------------------------------------------------------------
@@ -371,9 +385,28 @@ class Runner:
             array = (llama_cpp.llama_token * len(tokens))(*tokens)
         rc = llama_cpp.llama_decode(self.ctx, llama_cpp.llama_batch_get_one(array, len(tokens)))
         self._shift_pending = False
+        if rc == DECODE_ABORTED and self.watch.aborted:
+            raise Cancelled  # llama.cpp dropped this batch's cache entries; `cached` never had them
         if rc != 0:
             detail = "; ".join(llama_log.recent(2))
             raise RuntimeError(f"llama_decode failed ({rc}){': ' + detail if detail else ''}")
+
+
+def _asks_to_stop(cancelled: Any) -> Any:
+    """`cancelled()` (which raises Cancelled) as the yes/no question the abort callback asks."""
+    def stop() -> bool:
+        try:
+            cancelled()
+        except Cancelled:
+            return True
+        return False
+
+    return stop
+
+
+def _still_at(progress: Any, done: int, total: int) -> Any:
+    """A heartbeat from inside a batch: the prompt is still at `done` of `total`, and computing."""
+    return None if progress is None else (lambda: progress(done, total))
 
 
 def _bytes(data: bytearray) -> ctypes.Array[ctypes.c_uint8]:
@@ -382,6 +415,8 @@ def _bytes(data: bytearray) -> ctypes.Array[ctypes.c_uint8]:
 
 
 def _gpu_layers(spec: LoadSpec) -> int:
+    if spec.placement is not None:
+        return spec.placement.n_gpu_layers
     if spec.n_gpu_layers is not None:
         return spec.n_gpu_layers
     return -1 if llama_cpp.llama_supports_gpu_offload() else 0
@@ -390,6 +425,14 @@ def _gpu_layers(spec: LoadSpec) -> int:
 def _load_model(spec: LoadSpec, on_progress: Any) -> llama_cpp.llama_model_p:
     params = llama_cpp.llama_model_default_params()
     params.n_gpu_layers = _gpu_layers(spec)
+    if not spec.use_mmap:
+        params.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE
+    keep_alive: list[Any] = []
+    if spec.placement is not None:
+        try:
+            keep_alive = model_params(params, spec.placement, _block_count(spec.model_path))
+        except (LookupError, RPCUnavailable) as exc:
+            raise LoadFailed(f"the planned placement cannot be applied: {exc}") from exc
     callback = None
     if on_progress is not None:
         def progress(fraction: float, _user: ctypes.c_void_p) -> bool:
@@ -399,9 +442,16 @@ def _load_model(spec: LoadSpec, on_progress: Any) -> llama_cpp.llama_model_p:
         callback = llama_cpp.llama_progress_callback(progress)
         params.progress_callback = callback
     model = llama_cpp.llama_model_load_from_file(spec.model_path.encode(), params)
+    del keep_alive  # llama.cpp copied what it needed from the device list and the overrides
     if not model:
         raise LoadFailed(_reason(f"llama.cpp could not load {os.path.basename(spec.model_path)}"))
     return model
+
+
+def _block_count(path: str) -> int:
+    from bridge.gguf import model_info, read_file
+
+    return model_info(read_file(path)).n_layer
 
 
 def _new_context(model: llama_cpp.llama_model_p, spec: LoadSpec) -> llama_cpp.llama_context_p:
