@@ -11,6 +11,8 @@ device the plan did not name.
 from __future__ import annotations
 
 import copy
+import json
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from bridge.engine.types import EngineStatus, LoadSpec
 from bridge.gguf import read_file
 from bridge.hardware import HardwareReport
 from tests.fixtures import tiny_model
+from tests.fixtures.server import start_server
 
 CTX = 1024
 WEIGHTS_TOLERANCE_MIB = 1.0  # alignment padding only: weights are exact tensor bytes
@@ -151,3 +154,34 @@ async def test_cpu_only_uses_no_offload_device_even_when_one_is_there(machine: H
     assert plan.verdict == "cpu_only" and plan.placement().cpu_only
     assert_as_planned(plan, status, cpu_only)
     assert set(status.allocation["devices"]) == {HOST}
+
+
+def test_status_shows_planned_beside_allocated_per_device(tmp_path: Path, models_dir: Path,
+                                                          rpc_servers) -> None:
+    """`serve --rpc HOST:PORT`: the bridge plans with the RPC server's device, llama.cpp loads what was
+    planned, and the status shows both, per device, with the budget the plan used."""
+    server = start_server(tmp_path, models_dir, "--model", "tiny-llama-Q8_0", "--ctx", "1024",
+                          "--rpc", rpc_servers[0].endpoint)
+    try:
+        plan = server.status()["plan"]
+        assert plan["placement"]["devices"] == ["RPC0"] and plan["verdict"] == "full_gpu"
+        assert set(plan["planned"]) == {"RPC0", "CPU"}
+        assert set(plan["actual"]["devices"]) == {"RPC0", "CPU"}
+        assert plan["differences"] == []
+        assert plan["actual"]["layers"]["RPC0"] == plan["n_layer"] + 1
+        assert "no model is loaded" in plan["budget"]
+        assert plan["loaded_use"]["ram_mib"] > 0  # measured from the worker, for the next plan
+        hardware_report = server.get_json("/bridge/v1/hardware")
+        assert [g["device"] for g in hardware_report["gpus"]] == ["RPC0"]
+        # A swap is planned on what will be free once the loaded model is gone, and reloads on the same
+        # RPC server (which serves one client at a time: the old worker is gone first).
+        body = json.dumps({"ctx": 2048}).encode()
+        request = urllib.request.Request(server.url + "/bridge/v1/load", data=body,
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            swapped = json.loads(reply.read())["plan"]
+        assert "once tiny-llama-Q8_0 is unloaded" in swapped["budget"]
+        assert swapped["n_ctx"] == 2048 and swapped["differences"] == []
+        assert swapped["actual"]["layers"]["RPC0"] == plan["n_layer"] + 1
+    finally:
+        server.stop()

@@ -341,7 +341,8 @@ def verdict_for(header: GGUFHeader, settings: Settings, report: Any) -> dict[str
     from .. import fit
 
     try:
-        result = fit.plan(header, report, fit.FitParams(n_ctx=settings.ctx)).to_dict()
+        params = fit.FitParams(n_ctx=settings.ctx, extra_host_mib=settings.chat_memory_mib)
+        result = fit.plan(header, report, params).to_dict()
     except Exception as exc:
         log.warning("the fit planner could not judge %s: %s", model_info(header).name, exc)
         return None
