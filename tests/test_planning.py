@@ -92,3 +92,44 @@ def test_the_chat_memory_store_is_in_the_ram_budget() -> None:
     report.gpus = []
     without = fit.budget_for(report).ram_usable
     assert fit.budget_for(report, extra_host_mib=1024).ram_usable == without - 1024
+
+
+LOAD_LOG = """\
+load_tensors: layer   0 assigned to device CPU, is_swa = 0
+load_tensors: layer   1 assigned to device RPC0, is_swa = 0
+load_tensors: layer   2 assigned to device RPC1, is_swa = 0
+load_tensors:   CPU_Mapped model buffer size =    61.50 MiB
+load_tensors: RPC0[127.0.0.1:50052] model buffer size =  1200.00 MiB
+load_tensors: RPC0[127.0.0.1:50053] model buffer size =   900.00 MiB
+llama_kv_cache: RPC0[127.0.0.1:50052] KV buffer size =   128.00 MiB
+llama_kv_cache: RPC0[127.0.0.1:50053] KV buffer size =    64.00 MiB
+llama_context:  CPU  output buffer size =     0.12 MiB
+sched_reserve: RPC0[127.0.0.1:50052] compute buffer size =   300.00 MiB
+sched_reserve: RPC0[127.0.0.1:50053] compute buffer size =   250.00 MiB
+sched_reserve:        CPU compute buffer size =    20.00 MiB
+"""
+
+
+def test_the_load_log_reads_as_buffers_per_device() -> None:
+    from bridge.devices.actual import parse_load_log, rpc_buffer_aliases
+    from bridge.devices.ggml import Device
+
+    devices = [Device("RPC0", "127.0.0.1:50052", "gpu", "RPC", 0, 0),
+               Device("RPC1", "127.0.0.1:50053", "gpu", "RPC", 0, 0)]
+    found = parse_load_log(LOAD_LOG.splitlines(), rpc_buffer_aliases(devices))
+    assert found.devices["RPC1"].weights_mib == 900.0 and found.devices["RPC1"].kv_mib == 64.0
+    assert found.devices["RPC0"].total_mib == 1628.0
+    assert found.layers_on("RPC1") == 1 and found.layers_on("CPU") == 1
+
+
+def test_differences_over_five_percent_or_64_mib_are_reported() -> None:
+    from bridge.devices.actual import compare, parse_load_log
+
+    found = parse_load_log(LOAD_LOG.splitlines())  # without aliases both servers' buffers read as RPC0
+    planned = {"RPC0": {"weights_mib": 2100.0, "kv_mib": 192.0, "compute_mib": 400.0},
+               "CPU": {"weights_mib": 60.0, "kv_mib": 0.0, "compute_mib": 20.0}}
+    differences = compare(planned, found)
+    assert [(d.device, d.part) for d in differences] == [("RPC0", "compute")]  # 550 vs 400: over 64 MiB
+    assert "planned 400.0 MiB, llama.cpp allocated 550.0 MiB" in str(differences[0])
+    # a device that got buffers without being planned is a difference of its own
+    assert {d.device for d in compare({"CPU": planned["CPU"]}, found)} == {"RPC0"}
