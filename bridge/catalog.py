@@ -22,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from . import files as file_ops
 from . import fit, gguf
 from .errors import BridgeError, NotFound
 from .formats import parse_name
@@ -263,7 +264,7 @@ def save_cache(catalog: Catalog, data_dir: Path) -> Path:
     path = data_dir / CACHE_NAME
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(catalog.to_dict(), indent=1), encoding="utf-8")
-    tmp.replace(path)  # atomic: a reader never sees half a file
+    file_ops.replace(tmp, path)  # atomic: a reader never sees half a file; retried while one reads (Windows)
     return path
 
 

@@ -12,11 +12,12 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .errors import BridgeError
+from .console import prepare_streams, write_json
+from .errors import BridgeError, Conflict
 
 
 def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=str, ensure_ascii=False))
+    write_json(data)
 
 
 # --- hardware ----------------------------------------------------------------------------------------
@@ -459,9 +460,11 @@ def _run_models(args: argparse.Namespace) -> int:
     from .config import load_settings
     from .downloads import DownloadManager
 
-    root = Path(load_settings(models_dir=args.models_dir).models_path)
+    settings = load_settings(models_dir=args.models_dir)
+    root = Path(settings.models_path)
     if args.delete:
         found = library.resolve(root, args.delete)
+        _refuse_if_served(settings, found.path)
         for p in DownloadManager(root).delete(found.path):
             print(f"deleted {p}")
         return 0
@@ -473,6 +476,21 @@ def _run_models(args: argparse.Namespace) -> int:
         print(f"{m.id:70} {m.size_bytes / 2**30:6.2f} GiB")
     print(f"\n{len(models)} models in {root}")
     return 0
+
+
+def _refuse_if_served(settings: Any, path: Any) -> None:
+    """The bridge on this machine serves this model: refuse, as its own DELETE route does (on Windows the
+    file could not go anyway; elsewhere it would vanish under the running model)."""
+    from pathlib import Path
+
+    try:
+        status = _call_bridge(settings, f"http://127.0.0.1:{settings.port}/bridge/v1/status")
+    except (_NoBridge, BridgeError):  # none runs, or one that is not ours to ask: nothing to protect
+        return
+    served = status.get("model_path")
+    if served and Path(served).resolve() == Path(path).resolve():
+        raise Conflict(f"the bridge on port {settings.port} is serving {status.get('model') or path}: "
+                       "unload it first (Unload in the panel, or POST /bridge/v1/unload), then delete it")
 
 
 # --- main --------------------------------------------------------------------------------------------
@@ -501,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    prepare_streams()
     args = build_parser().parse_args(argv)
     _, run = COMMANDS[args.command]
     try:

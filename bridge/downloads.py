@@ -32,9 +32,12 @@ from huggingface_hub import constants
 from huggingface_hub.file_download import http_get
 from huggingface_hub.utils import build_hf_headers
 
+from . import files as file_ops
 from .errors import BadRequest, BridgeError, Conflict, ModelFileError, NotEnoughDisk, NotFound, UnsafePath
 from .formats import parse_name
 from .hub import HubClient, RemoteFile, check_runnable, hub_errors
+from .library import model_id
+from .safe_names import name_problem
 
 EventSink = Callable[[str, dict[str, Any]], None]
 # Room left on the disk after a download: a full disk breaks everything else on the machine too.
@@ -70,6 +73,7 @@ class Download:
     finished_at: float | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
     done_event: threading.Event = field(default_factory=threading.Event, repr=False)
+    model_id: str = ""  # the id the model will have in the models dir (clients need not parse OS paths)
 
     @property
     def path(self) -> Path:
@@ -83,6 +87,7 @@ class Download:
             "quant": self.quant,
             "files": [f.path for f in self.files],
             "path": str(self.path),
+            "model_id": self.model_id,
             "state": self.state,
             "bytes_total": self.bytes_total,
             "bytes_done": self.bytes_done,
@@ -183,6 +188,7 @@ class DownloadManager:
                 files=files,
                 dest=dest,
                 bytes_total=sum(f.size for f in files),
+                model_id=model_id(dest[0], self.models_dir),
             )
             self._downloads[dl.id] = dl
             self._queue.append(dl)
@@ -193,13 +199,15 @@ class DownloadManager:
     def pull(self, repo: str, *, quant: str | None = None, file: str | None = None) -> Download:
         """Download a unit now, in this thread (the CLI's way); raises on failure."""
         quant, files = self.resolve(repo, quant=quant, file=file)
+        dest = [self.destination(repo, f.path) for f in files]
         dl = Download(
             id=str(next(self._ids)),
             repo=repo,
             quant=quant,
             files=files,
-            dest=[self.destination(repo, f.path) for f in files],
+            dest=dest,
             bytes_total=sum(f.size for f in files),
+            model_id=model_id(dest[0], self.models_dir),
         )
         with self._lock:
             self._downloads[dl.id] = dl
@@ -234,11 +242,21 @@ class DownloadManager:
         return dl
 
     def destination(self, repo: str, path: str) -> Path:
-        """Where a repository file lands, strictly inside the models dir."""
-        parts = [*repo.split("/"), *Path(path).parts]
-        if len(repo.split("/")) != 2 or any(p in ("", ".", "..") or "\\" in p for p in parts):
-            raise UnsafePath(f"{repo}/{path} is not a repository file name")
-        return self.models_dir.joinpath(*parts)
+        """Where a repository file lands, strictly inside the models dir, under any platform's path rules.
+
+        Hub paths use `/` on every platform; each part must be a name Windows accepts too (see
+        `safe_names`), since a `:` there would leave the models dir.
+        """
+        owner_name = repo.split("/")
+        parts = [*owner_name, *path.split("/")]
+        problems = [f"{p!r} {problem}" for p in parts if (problem := name_problem(p))]
+        if len(owner_name) != 2 or problems:
+            why = "; ".join(problems) or "a repository is owner/name"
+            raise UnsafePath(f"{repo}/{path} is not a repository file name: {why}")
+        dest = self.models_dir.joinpath(*parts)
+        if not dest.is_relative_to(self.models_dir):  # the rules above rule it out; kept as the last word
+            raise UnsafePath(f"{repo}/{path} would land outside the models dir {self.models_dir}")
+        return dest
 
     def delete(self, path: Path) -> list[Path]:
         """Delete a downloaded model (all shards of a split one) from the models dir."""
@@ -253,7 +271,7 @@ class DownloadManager:
         removed = []
         for p in targets:
             with _file_lock(p, timeout=0):
-                p.unlink(missing_ok=True)
+                file_ops.unlink(p)  # a model the bridge has open cannot be deleted on Windows: FileInUse
                 removed.append(p)
         return removed
 
@@ -371,7 +389,7 @@ class DownloadManager:
             except Cancelled:
                 partial.unlink(missing_ok=True)
                 raise
-            os.replace(partial, dest)
+            file_ops.replace(partial, dest)  # FileInUse when an older `dest` is open (Windows)
             dl.state = "running"
             return True
 
@@ -408,7 +426,7 @@ class DownloadManager:
                 os.link(blob, tmp)
             except OSError:  # another filesystem, or links not allowed: copy
                 shutil.copyfile(blob, tmp)
-            os.replace(tmp, dest)
+            file_ops.replace(tmp, dest)
             return True
         return False
 

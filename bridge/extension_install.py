@@ -5,16 +5,26 @@ later release; 1.12.9+ also reads `public/scripts/extensions/third-party/`, 1.12
 where the files go. The folder keeps the repository's layout, `manifest.json` at its top and the code in
 `st-extension/`, because the manifest's `js` and `css` paths are relative to the manifest and the same
 manifest also serves SillyTavern's own "Install extension" from the git URL.
+
+Where `<dataRoot>` is depends on SillyTavern's mode (its documentation, Installation, "Global / Standalone
+mode"). Standalone, the default for git clones and zips, keeps `config.yaml` and `data/` in its folder.
+Global mode, the default of the npm package (`npx sillytavern@latest`) and chosen with `--global`, keeps
+them in the user's application data: `%APPDATA%\\SillyTavern\\data` on Windows,
+`~/Library/Application Support/SillyTavern/data` on macOS, `$XDG_DATA_HOME/SillyTavern/data` (by default
+`~/.local/share/SillyTavern/data`) on Linux.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import platform
 import re
 import shutil
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from .errors import BadRequest, Conflict, NotFound
 
@@ -30,6 +40,7 @@ class InstallResult:
     target: Path  # the extension folder inside SillyTavern's data
     st_version: str
     replaced: bool  # an earlier copy was there and has been replaced
+    data_from: str = "standalone"  # where the data root came from: standalone, global, config.yaml, given
 
 
 def extension_source() -> Path:
@@ -67,19 +78,50 @@ def sillytavern_version(st_dir: Path) -> str:
     return str(meta.get("version", "unknown"))
 
 
-def data_root(st_dir: Path) -> Path:
-    """SillyTavern's data root: `dataRoot` from its config.yaml, `./data` by default.
+def data_root(st_dir: Path, global_root: Path | None = None) -> tuple[Path, str]:
+    """SillyTavern's data root, and where that answer came from.
 
-    Only that one top-level key is needed, so a line match is enough (no YAML parser to depend on).
+    In order: `dataRoot` in ST_DIR/config.yaml; an existing ST_DIR/data (standalone mode has run);
+    an existing global-mode data folder, or an npm install (global mode by default); ST_DIR/data.
     """
+    configured = _configured_root(st_dir)
+    if configured is not None:
+        return configured, "config.yaml"
+    standalone = st_dir / "data"
+    global_root = global_root or global_data_root()
+    if standalone.is_dir():
+        return standalone, "standalone"
+    if global_root.is_dir() or "node_modules" in st_dir.parts:
+        return global_root, "global"
+    return standalone, "standalone"
+
+
+def _configured_root(st_dir: Path) -> Path | None:
+    """`dataRoot` from ST_DIR/config.yaml: only that top-level key is needed, so a line match does."""
     config = st_dir / "config.yaml"
-    if config.is_file():
-        match = re.search(r"^dataRoot:\s*['\"]?([^'\"#\n]+?)['\"]?\s*(#.*)?$",
-                          config.read_text(encoding="utf-8", errors="replace"), re.MULTILINE)
-        if match:
-            root = Path(match.group(1).strip())
-            return root if root.is_absolute() else st_dir / root
-    return st_dir / "data"
+    if not config.is_file():
+        return None
+    match = re.search(r"^dataRoot:\s*['\"]?([^'\"#\n]+?)['\"]?\s*(#.*)?$",
+                      config.read_text(encoding="utf-8", errors="replace"), re.MULTILINE)
+    if not match:
+        return None
+    root = Path(match.group(1).strip())
+    return root if root.is_absolute() else st_dir / root
+
+
+def global_data_root(system: str | None = None, env: Mapping[str, str] | None = None,
+                     home: PurePath | None = None, path: type[PurePath] = Path) -> PurePath:
+    """SillyTavern's data folder in global mode on `system` (this machine's by default)."""
+    system = system or platform.system()
+    env = os.environ if env is None else env
+    home = home if home is not None else Path.home()
+    if system == "Windows":
+        base = path(env["APPDATA"]) if env.get("APPDATA") else path(home, "AppData", "Roaming")
+    elif system == "Darwin":
+        base = path(home, "Library", "Application Support")
+    else:
+        base = path(env["XDG_DATA_HOME"]) if env.get("XDG_DATA_HOME") else path(home, ".local", "share")
+    return base / "SillyTavern" / "data"
 
 
 def manifest_problems(folder: Path) -> list[str]:
@@ -142,20 +184,26 @@ def install_extension(st_dir: Path, *, user: str = DEFAULT_USER, data_dir: Path 
     problems = manifest_problems(source)
     if problems:
         raise BadRequest("the extension's manifest would not load: " + "; ".join(problems))
-    target = (data_dir or data_root(st_dir)) / user / "extensions" / FOLDER_NAME
+    root, data_from = (data_dir, "given") if data_dir else data_root(st_dir)
+    target = root / user / "extensions" / FOLDER_NAME
     replaced = target.exists()
     if replaced and ((target / ".git").exists() or not _is_ours(target)):
         raise Conflict(f"{target} already holds another copy (installed from git?); update it from "
                        "SillyTavern's extension manager, or remove that folder and run this again")
     _copy_extension(source, target)
-    return InstallResult(target=target, st_version=version, replaced=replaced)
+    return InstallResult(target=target, st_version=version, replaced=replaced, data_from=data_from)
 
 
 def next_steps(result: InstallResult) -> str:
     """What the user does after installing, printed by the command."""
     verb = "Updated" if result.replaced else "Installed"
+    where = []
+    if result.data_from == "global":
+        where = ["(SillyTavern's global-mode data folder, used by npm installs and `--global`; for a",
+                 " SillyTavern started without --global, pass --data-root <its folder>/data)"]
     return "\n".join([
         f"{verb} the st-bridge extension for SillyTavern {result.st_version} in {result.target}",
+        *where,
         "",
         "Next:",
         "  1. Start the bridge:       st-bridge serve",

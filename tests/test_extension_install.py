@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import pytest
 
 from bridge import cli
-from bridge.extension_install import FOLDER_NAME, manifest_problems
+from bridge.extension_install import FOLDER_NAME, global_data_root, manifest_problems
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def own_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A home folder of the test's own, so no real global-mode SillyTavern data folder is seen."""
+    home = tmp_path / "home"
+    for name in ("HOME", "USERPROFILE"):
+        monkeypatch.setenv(name, str(home))
+    monkeypatch.setenv("XDG_DATA_HOME", str(home / ".local" / "share"))
+    monkeypatch.setenv("APPDATA", str(home / "AppData" / "Roaming"))
+    return home
 
 
 def fake_sillytavern(root: Path, version: str = "1.12.14", config: str | None = None) -> Path:
@@ -92,3 +103,47 @@ def test_requires_must_be_an_array(tmp_path: Path) -> None:
     problems = manifest_problems(tmp_path)
     assert any("'requires' must be an array" in p for p in problems)
     assert any("index.js" in p for p in problems)
+
+
+# --- global mode (npm installs, --global) -------------------------------------------------------------
+
+@pytest.mark.parametrize("system, env, home, expected", [
+    ("Windows", {"APPDATA": r"C:\Users\me\AppData\Roaming"}, PureWindowsPath(r"C:\Users\me"),
+     PureWindowsPath(r"C:\Users\me\AppData\Roaming\SillyTavern\data")),
+    ("Windows", {}, PureWindowsPath(r"C:\Users\me"),
+     PureWindowsPath(r"C:\Users\me\AppData\Roaming\SillyTavern\data")),
+    ("Darwin", {}, PurePosixPath("/Users/me"),
+     PurePosixPath("/Users/me/Library/Application Support/SillyTavern/data")),
+    ("Linux", {}, PurePosixPath("/home/me"), PurePosixPath("/home/me/.local/share/SillyTavern/data")),
+    ("Linux", {"XDG_DATA_HOME": "/data/me"}, PurePosixPath("/home/me"),
+     PurePosixPath("/data/me/SillyTavern/data")),
+])
+def test_global_mode_data_folder_per_platform(system: str, env: dict[str, str], home, expected) -> None:
+    assert global_data_root(system, env, home, type(expected)) == expected
+
+
+def test_install_finds_a_global_mode_data_folder(tmp_path: Path, own_home: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    st = fake_sillytavern(tmp_path / "SillyTavern")  # never started standalone: no data/ of its own
+    global_data = global_data_root()
+    assert global_data.is_relative_to(own_home)  # %APPDATA%, ~/Library/Application Support or XDG_DATA_HOME
+    (global_data / "default-user").mkdir(parents=True)
+    assert cli.main(["install-extension", str(st)]) == 0
+    assert manifest_problems(global_data / "default-user" / "extensions" / FOLDER_NAME) == []
+    assert not (st / "data").exists()
+    assert "global-mode data folder" in capsys.readouterr().out
+
+
+def test_an_npm_installed_sillytavern_is_in_global_mode(tmp_path: Path) -> None:
+    st = fake_sillytavern(tmp_path / "app" / "node_modules" / "sillytavern")
+    assert cli.main(["install-extension", str(st)]) == 0
+    assert manifest_problems(global_data_root() / "default-user" / "extensions" / FOLDER_NAME) == []
+
+
+def test_a_standalone_data_folder_wins_over_the_global_one(tmp_path: Path) -> None:
+    st = fake_sillytavern(tmp_path / "SillyTavern")
+    (st / "data").mkdir()
+    global_data_root().mkdir(parents=True)
+    assert cli.main(["install-extension", str(st)]) == 0
+    assert manifest_problems(st / "data" / "default-user" / "extensions" / FOLDER_NAME) == []
+    assert not (global_data_root() / "default-user").exists()

@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,9 @@ import pytest
 from bridge.fit import FitParams, ModelLayout, memory_breakdown
 from bridge.gguf import read_file
 from bridge.hardware import cpu_info
+
+# Resident memory is read from /proc/self/{status,maps,smaps}, which only Linux has.
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="measures through Linux's /proc")
 
 N_CTX = 512
 N_UBATCH = 512

@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .. import ports
 from ..config import Settings
 from ..events import EventBus
 from . import (
@@ -102,11 +103,17 @@ def serve(settings: Settings) -> None:
     log.info("listening on %s (models in %s)", url, settings.models_path)
     log.info("in SillyTavern: API Connections → Text Completion → KoboldCpp (or llama.cpp), URL %s", url)
     # handler_cancellation: a client that hangs up cancels its handler, which stops its generation.
-    web.run_app(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        handler_cancellation=True,
-        print=None,
-        access_log=None,
-    )
+    try:
+        web.run_app(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            handler_cancellation=True,
+            print=None,
+            access_log=None,
+        )
+    except OSError as exc:  # a busy or forbidden port: one line for the user, not a traceback
+        problem = ports.explain(exc, settings.host, settings.port)
+        if problem is None:
+            raise
+        raise problem from exc

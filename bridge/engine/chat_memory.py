@@ -33,6 +33,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from bridge.engine.reuse import ReusePlan, plan_reuse
 
 MIB = 1024 * 1024
@@ -203,10 +205,5 @@ def _own_folder(root: Path) -> Path:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
+    # Not os.kill(pid, 0): on Windows signal 0 is CTRL_C_EVENT, a Ctrl+C to every process on the console.
+    return psutil.pid_exists(pid)
