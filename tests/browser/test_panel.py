@@ -31,13 +31,21 @@ def test_the_panel_shows_the_hardware_and_the_loaded_model(stage: Stage) -> None
     details = page.page.locator("#st_bridge_model_details").inner_text()
     quant = status["model"].rsplit("-", 1)[1]
     assert details.startswith(f"{quant} · 4k context · {status['n_gpu_layers']} GPU layers")
+    assert re.search(r" · [\d.]+ [KMG]B RAM$", details), details  # from the plan's memory per device
+    # Planned beside allocated, per device: the CPU-only plan of this machine has one row, RAM.
+    page.wait_js("() => document.querySelectorAll('#st_bridge_memory tbody tr').length > 0")
+    rows = page.page.locator("#st_bridge_memory tbody tr").all()
+    assert [r.get_attribute("data-device") for r in rows] == list(status["plan"]["planned"])
+    planned_cell, allocated_cell = rows[-1].locator("td").all_inner_texts()[1:]
+    assert re.fullmatch(r"[\d.]+ [KMG]B", planned_cell) and re.fullmatch(r"[\d.]+ [KMG]B", allocated_cell)
     page.wait_js("() => document.querySelectorAll('#st_bridge_quants .st-bridge-chip').length === 4")
     chips = page.page.locator("#st_bridge_quants .st-bridge-chip-quant").all_inner_texts()
     assert chips == ["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
-    models = stage.bridge.get_json("/bridge/v1/models")["models"]
-    verdicts = {m["id"]: (m.get("fit") or {}).get("verdict") for m in models}
-    if all(verdicts.values()):  # each local quant carries the planner's verdict as a badge
-        assert page.page.locator("#st_bridge_quants .st-bridge-badge").count() == 4
+    # Each local quant carries the planner's verdict as a badge (the tiny model fits on any machine).
+    verdicts = {m["id"]: (m.get("fit") or {}).get("verdict")
+                for m in stage.bridge.get_json("/bridge/v1/models")["models"]}
+    badges = page.page.locator("#st_bridge_quants .st-bridge-badge").all_inner_texts()
+    assert badges == [VERDICT_LABELS[verdicts[f"tiny-llama-{chip}"]] for chip in chips], verdicts
     active = page.page.locator("#st_bridge_quants .st-bridge-chip.active .st-bridge-chip-quant")
     assert active.inner_text() == quant
     page.screenshot("panel")
