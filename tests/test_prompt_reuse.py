@@ -11,12 +11,14 @@ import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import llama_cpp
 import pytest
 import pytest_asyncio
 
 from bridge.engine.client import Engine
-from bridge.engine.reuse import MIN_SHIFT_MATCH, ReusePlan, plan_reuse
+from bridge.engine.reuse import MIN_SHIFT_MATCH, ReusePlan, common_prefix, plan_reuse
 from bridge.engine.types import GenerationRequest, GenerationResult, LoadSpec, SamplingParams, TokenChunk
+from bridge.engine.worker import SETTLE_MAX_TOKENS, SETTLE_THREADS, Runner
 
 on_engine = pytest.mark.asyncio(loop_scope="module")
 
@@ -99,6 +101,54 @@ async def test_a_turn_carrying_the_reply_evaluates_only_what_follows_it(engine: 
     _, turn2 = await generate(engine, first + turn1.text + follow)
     assert turn2.tokens_cached >= len(respelled) - 1
     assert turn2.timings.prompt_n <= len(engine.tokenize(follow)) + 1
+
+
+@on_engine
+async def test_a_reply_spelled_unlike_the_tokenizer_from_early_on_is_left_to_the_next_prompt(
+        engine: Engine) -> None:
+    """Settling is bounded: a long tail (random weights write one) is not re-evaluated in the background;
+    the next prompt evaluates it, as it would without settling."""
+    first = chat(0, 4)
+    chunks, turn1 = await generate(engine, first, max_tokens=2 * SETTLE_MAX_TOKENS)
+    generated = engine.tokenize(first, add_bos=True) + [c.token_id for c in chunks if c.token_id is not None]
+    respelled = engine.tokenize(first + turn1.text, add_bos=True)
+    same = common_prefix(generated, respelled)
+    assert len(respelled) - same > SETTLE_MAX_TOKENS  # the case this test is about
+    await asyncio.sleep(1.0)  # time enough to settle it, were it settled
+    _, turn2 = await generate(engine, first + turn1.text + "<|im_end|>\n" + message(100))
+    assert same - 1 <= turn2.tokens_cached <= same
+
+
+def test_settling_runs_on_one_thread_and_only_on_a_short_tail(tiny_model: Path) -> None:
+    """The re-spelling after a reply leaves the other cores to the user's programs, and a tail longer than
+    SETTLE_MAX_TOKENS is left alone (in the worker's own Runner, driven directly)."""
+    runner = Runner.load(LoadSpec(model_path=str(tiny_model), model_id="tiny", n_ctx=2048, n_threads=2))
+    threads: list[int] = []
+
+    def idle() -> bool:
+        threads.append(llama_cpp.llama_n_threads(runner.ctx))
+        return True
+
+    def as_generated(reply: str) -> None:
+        """The cache as after a reply written one character per token (no tokenizer would spell it so)."""
+        spelled = [t for c in reply for t in runner.tokenize_text(c, add_bos=False)]
+        runner.load_prompt(runner.tokenize_text(prompt, add_bos=True) + spelled, cancelled=lambda: None)
+
+    try:
+        prompt = chat(0, 2)
+        as_generated(short := " the dragon and the knight")
+        runner.settle(prompt + short, add_bos=True, idle=idle)
+        assert runner.cached == runner.tokenize_text(prompt + short, add_bos=True)  # settled
+        assert set(threads[1:]) == {SETTLE_THREADS} == {1}  # [0]: the check before it starts
+        assert llama_cpp.llama_n_threads(runner.ctx) == 2  # the load's own count is back for generating
+
+        long = " the dragon" * SETTLE_MAX_TOKENS
+        as_generated(long)
+        before, threads[:] = list(runner.cached), []
+        runner.settle(prompt + long, add_bos=True, idle=idle)
+        assert runner.cached == before and not threads  # left to the next prompt: no work now
+    finally:
+        runner.close()
 
 
 @on_engine

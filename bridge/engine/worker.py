@@ -22,11 +22,13 @@ cached conversation's state and restores the saved one that serves it best (`cha
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -58,6 +60,12 @@ FLASH_ATTN = {
 DEFAULT_CTX = 4096
 # Tokens per batch when settling the cache between requests: small, so a new request waits little.
 SETTLE_BATCH = 64
+# Settling is background work: it re-spells at most this many tokens at the end of the text (a trained
+# model's reply rarely differs from the tokenizer's spelling; where one differs early, the next prompt
+# evaluates the rest, as it would without settling), on one thread, so that the user's other programs and
+# the next request keep the other cores.
+SETTLE_MAX_TOKENS = 128
+SETTLE_THREADS = 1
 
 
 class LoadFailed(Exception):
@@ -232,20 +240,31 @@ class Runner:
         # and the shift finds the settled part.
         tokens = self.tokenize_text(text, add_bos)[: self.n_ctx - 1]
         keep = common_prefix(self.cached, tokens)
-        if keep == len(tokens) or not idle():
+        if keep == len(tokens) or len(tokens) - keep > SETTLE_MAX_TOKENS or not idle():
             return
         llama_cpp.llama_memory_seq_rm(self.mem, 0, keep, -1)
         self.cached = self.cached[:keep]
-        for at in range(keep, len(tokens), SETTLE_BATCH):
-            if not idle():
-                return
-            chunk = tokens[at:at + SETTLE_BATCH]
-            try:
-                with self.watch.watching(stop=lambda: not idle()):
-                    self._decode(chunk)
-            except Cancelled:
-                return  # a request arrived mid-batch: it goes first
-            self.cached.extend(chunk)
+        with self._threads(SETTLE_THREADS):
+            for at in range(keep, len(tokens), SETTLE_BATCH):
+                if not idle():
+                    return
+                chunk = tokens[at:at + SETTLE_BATCH]
+                try:
+                    with self.watch.watching(stop=lambda: not idle()):
+                        self._decode(chunk)
+                except Cancelled:
+                    return  # a request arrived mid-batch: it goes first
+                self.cached.extend(chunk)
+
+    @contextlib.contextmanager
+    def _threads(self, n: int) -> Iterator[None]:
+        """Compute on at most `n` threads inside the block (the context's own counts come back after)."""
+        own = llama_cpp.llama_n_threads(self.ctx), llama_cpp.llama_n_threads_batch(self.ctx)
+        llama_cpp.llama_set_n_threads(self.ctx, min(n, own[0]), min(n, own[1]))
+        try:
+            yield
+        finally:
+            llama_cpp.llama_set_n_threads(self.ctx, *own)
 
     # ---- per-chat memory ---------------------------------------------------------------------------
 
