@@ -214,9 +214,20 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-type", choices=["f16", "q8_0", "q4_0"], help="KV cache type")
     p.add_argument("--flash-attn", action=argparse.BooleanOptionalAction, help="flash attention on or off")
     p.add_argument("--api-key", help="require `Authorization: Bearer <key>` (ST's API key field)")
-    p.add_argument("--allowed-origin", action="append", dest="allowed_origins",
-                   help="browser origin allowed to call the bridge (repeat; default ST's on port 8000)")
+    p.add_argument("--allowed-origin", action="append", dest="allowed_origins", metavar="ORIGIN",
+                   help="a browser origin allowed besides this machine's own pages (repeat), e.g. "
+                        "http://192.168.1.20:8000, or http://st.lan:* for any port")
+    p.add_argument("--allowed-host", action="append", dest="allowed_hosts", metavar="NAME",
+                   help="another name of this machine for the Host check (repeat); its own host name "
+                        "and interface addresses always count")
+    p.add_argument("--docker", action="store_true", default=None,
+                   help="also listen on Docker's bridge gateway (Linux) so SillyTavern in a container "
+                        "reaches the bridge at host.docker.internal; answers only containers")
     p.add_argument("--max-queue", type=int, help="generations that may wait before 503 (default 16)")
+    p.add_argument("--rpc", action="append", dest="rpc_servers", metavar="HOST:PORT",
+                   help="a llama.cpp RPC server whose device may hold layers (repeat; see the README)")
+    p.add_argument("--worker", action="append", dest="workers", metavar="HOST:PORT",
+                   help="an `st-bridge worker` on another machine (repeat; see the README)")
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -224,7 +235,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     from .config import load_settings
 
     names = ("model", "models_dir", "data_dir", "host", "port", "ctx", "gpu_layers", "kv_type", "flash_attn",
-             "api_key", "allowed_origins", "max_queue")
+             "api_key", "allowed_origins", "allowed_hosts", "docker", "max_queue", "rpc_servers",
+             "workers")
     flags = {name: getattr(args, name) for name in names}
     serve(load_settings(**flags))
     return 0
@@ -497,8 +509,22 @@ def _refuse_if_served(settings: Any, path: Any) -> None:
 
 Adder = Callable[[argparse._SubParsersAction], None]
 Runner = Callable[[argparse.Namespace], int]
+def _add_worker(sub: argparse._SubParsersAction) -> None:
+    from .workers import serve
+
+    p = sub.add_parser("worker", help="lend this machine's GPU or CPU to a bridge on another machine (RPC)")
+    serve.add_arguments(p)
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    from .workers import serve
+
+    return serve.main(args)
+
+
 COMMANDS: dict[str, tuple[Adder, Runner]] = {
     "serve": (_add_serve, _run_serve),
+    "worker": (_add_worker, _run_worker),
     "hardware": (_add_hardware, _run_hardware),
     "inspect": (_add_inspect, _run_inspect),
     "fit": (_add_fit, _run_fit),

@@ -9,7 +9,6 @@ in e.g. `~/.local/share/st-bridge/models` on Linux.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 from pathlib import Path
@@ -26,10 +25,10 @@ from pydantic_settings import (
 )
 
 from .errors import BadRequest
+from .reach import is_loopback_host, parse_origin_pattern, split_host
 
 APP_NAME = "st-bridge"
 ENV_PREFIX = "ST_BRIDGE_"
-ST_ORIGINS = ["http://127.0.0.1:8000", "http://localhost:8000"]
 KvType = Literal["f16", "q8_0", "q4_0"]
 # Quantizers whose GGUF repositories a catalog refresh may add (the catalog's own come from the first ones).
 TRUSTED_UPLOADERS = ("bartowski", "mradermacher", "TheBloke", "QuantFactory", "lmstudio-community")
@@ -79,11 +78,41 @@ class Settings(BaseSettings):
     )
     api_key: str | None = Field(None, description="require `Authorization: Bearer <key>` on every call")
     allowed_origins: list[str] = Field(
-        default_factory=lambda: list(ST_ORIGINS),
-        description="browser origins allowed to call the bridge (ST's)",
+        default_factory=list,
+        description="browser origins allowed besides this machine's loopback pages (any port), e.g. "
+        "http://192.168.1.20:8000 or http://st.lan:* (any port)",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="more names that mean this machine in a Host header (its own names and addresses "
+        "always count)",
+    )
+    docker: bool = Field(
+        False,
+        description="also listen on Docker's bridge gateways (Linux), for SillyTavern in a container; "
+        "answers only peers inside those networks",
+    )
+    stall_timeout_s: float = Field(
+        120.0, gt=0, le=86400,
+        description="a generation whose engine reports no progress (llama.cpp's per-batch and per-node "
+        "callbacks) for this long is hung: it is stopped and the model loaded again",
+    )
+    load_stall_s: float = Field(
+        300.0, gt=0, le=86400, description="a load that reports no progress for this long is stopped"
+    )
+    load_timeout_s: float = Field(
+        3600.0, gt=0, le=604800, description="a load that has not finished after this long is stopped"
     )
     max_body_mb: float = Field(8.0, gt=0, description="largest request body accepted, in MB")
     max_queue: int = Field(16, ge=0, description="generations that may wait; more get 503 + Retry-After")
+    rpc_servers: list[str] = Field(
+        default_factory=list,
+        description="llama.cpp RPC servers (host:port) whose devices the planner may place layers on",
+    )
+    workers: list[str] = Field(
+        default_factory=list,
+        description="`st-bridge worker`s (host:port of their RPC port) whose devices may hold layers",
+    )
     catalog_refresh: bool = Field(True, description="refresh the model catalog from the Hub while serving")
     catalog_ttl_hours: float = Field(24.0, gt=0, description="hours a refreshed catalog stays fresh")
     trusted_uploaders: list[str] = Field(
@@ -95,6 +124,18 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_key_is_none(cls, value: str | None) -> str | None:
         return value or None
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origin_patterns(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            parse_origin_pattern(pattern)  # its ValueError names the pattern and the expected form
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: list[str]) -> list[str]:
+        return [split_host(name) for name in value if name.strip()]
 
     @property
     def models_path(self) -> Path:
@@ -136,12 +177,7 @@ def load_settings(**flags: Any) -> Settings:
 
 
 def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(host)
 
 
 def check_exposure(settings: Settings) -> None:

@@ -702,11 +702,19 @@ class Budget:
 
 def budget_for(report: HardwareReport, extra_host_mib: float = 0.0) -> Budget:
     gpus = report.usable_gpus
-    usable = [g.free_mib - max(GPU_MARGIN_MIN_MIB, GPU_MARGIN_FRACTION * g.total_mib) for g in gpus]
+    usable = [g.free_mib - device_margin_mib(g) for g in gpus]
     ram_margin = max(RAM_MARGIN_MIN_MIB, RAM_MARGIN_FRACTION * report.ram_total_mib)
     ram_usable = report.ram_available_mib - ram_margin - extra_host_mib
     return Budget([float(g.free_mib) for g in gpus], usable, ram_usable,
                   report.cpu.avx2, list(gpus), [gpu_overhead_mib(g) for g in gpus])
+
+
+def device_margin_mib(gpu: GPUInfo) -> float:
+    """What a device keeps free: a GPU a safety margin of its VRAM; a worker lending its CPU the reserve
+    RAM needs (its system and programs live there too)."""
+    if gpu.kind == "cpu":
+        return max(RAM_MARGIN_MIN_MIB, RAM_MARGIN_FRACTION * gpu.total_mib)
+    return max(GPU_MARGIN_MIN_MIB, GPU_MARGIN_FRACTION * gpu.total_mib)
 
 
 def gpu_overhead_mib(gpu: GPUInfo) -> float:

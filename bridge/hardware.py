@@ -70,6 +70,8 @@ class GPUInfo:
     device: str | None = None  # llama.cpp's name for it (CUDA0, RPC0 ...); None: not known to this build
     rpc_endpoint: str | None = None  # host:port of the RPC server that serves it
     overhead_mib: float | None = None  # what llama.cpp uses beyond its buffers (learned; None: default)
+    kind: str = "gpu"  # "cpu" for a worker that lends its CPU and RAM
+    rtt_ms: float | None = None  # network round trip to a remote device's machine
 
 
 @dataclass
@@ -112,7 +114,7 @@ def probe(nvml: Any = None, llama: Any = None) -> HardwareReport:
         ram_available_mib=ram.available // MIB,
         swap_total_mib=swap.total // MIB,
         swap_free_mib=swap.free // MIB,
-        gpus=rpc_gpus() + gpus,
+        gpus=remote_gpus() + gpus,
         gpu_offload_supported=_local_offload(llama, substituted),
         nvml_error=nvml_error,
         in_docker=in_docker(),
@@ -145,40 +147,11 @@ def _local_offload(llama: Any, substituted: bool) -> bool:
         return bool(llama.llama_supports_gpu_offload())
 
 
-# --- RPC servers: devices of other processes or machines ----------------------------------------------
+def remote_gpus() -> list[GPUInfo]:
+    """Devices of other machines (workers, RPC servers) the bridge was told about (bridge.workers)."""
+    from .workers.registry import registry
 
-_rpc: dict[str, Any] = {"servers": (), "inventory": None}
-
-
-def use_rpc_servers(endpoints: list[str]) -> None:
-    """The RPC servers (host:port) whose devices the bridge plans with; probed once, then remembered,
-    since a server serves one client at a time and the engine's worker holds it while a model runs."""
-    if tuple(endpoints) != _rpc["servers"]:
-        _rpc["servers"], _rpc["inventory"] = tuple(endpoints), None
-
-
-def rpc_inventory() -> Any:
-    from .devices import inventory
-
-    if _rpc["inventory"] is None:
-        servers = list(_rpc["servers"])
-        _rpc["inventory"] = inventory.probe(servers) if servers else inventory.Inventory()
-    return _rpc["inventory"]
-
-
-def rpc_gpus() -> list[GPUInfo]:
-    """The devices of the configured RPC servers, as offload devices of the plan (RPC0, RPC1 ...)."""
-    if not _rpc["servers"]:
-        return []
-    found = []
-    for device in rpc_inventory().devices:
-        if not device.is_rpc:
-            continue
-        found.append(GPUInfo(index=len(found), name=f"{device.name} ({device.description})",
-                             total_mib=device.total_mib, free_mib=device.free_mib,
-                             used_mib=device.total_mib - device.free_mib, device=device.name,
-                             rpc_endpoint=device.description))
-    return found
+    return registry.gpus()
 
 
 def process_gpu_mib(pid: int, nvml: Any = None) -> dict[str, float]:

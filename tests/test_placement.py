@@ -25,6 +25,7 @@ from bridge.engine.client import Engine
 from bridge.engine.types import EngineStatus, LoadSpec
 from bridge.gguf import read_file
 from bridge.hardware import HardwareReport
+from bridge.workers.registry import registry
 from tests.fixtures import tiny_model
 from tests.fixtures.server import start_server
 
@@ -35,14 +36,15 @@ WEIGHTS_TOLERANCE_MIB = 1.0  # alignment padding only: weights are exact tensor 
 @pytest.fixture(scope="module")
 def machine(rpc_servers) -> Iterator[HardwareReport]:
     """This machine as the bridge sees it with the two RPC servers configured."""
-    hardware.use_rpc_servers([s.endpoint for s in rpc_servers])
+    registry.configure([s.endpoint for s in rpc_servers], [])
+    registry.refresh()
     try:
         report = hardware.probe()
         assert [g.device for g in report.usable_gpus] == ["RPC0", "RPC1"], report.usable_gpus
         assert not report.gpu_offload_supported  # RPC compiled in is not a local GPU
         yield report
     finally:
-        hardware.use_rpc_servers([])
+        registry.configure([], [])
 
 
 @pytest.fixture(scope="module")

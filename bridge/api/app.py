@@ -19,10 +19,13 @@ from aiohttp import web
 from .. import ports
 from ..config import Settings
 from ..events import EventBus
+from ..reach import Reach
+from ..workers.registry import registry
 from . import (
     BUS_KEY,
     ENGINE_KEY,
     MANAGER_KEY,
+    REACH_KEY,
     SETTINGS_KEY,
     EngineLike,
     catalog_routes,
@@ -30,6 +33,7 @@ from . import (
     llamacpp,
     manage,
     openai,
+    workers_routes,
 )
 from .middleware import middlewares
 
@@ -44,14 +48,19 @@ def create_app(settings: Settings, engine: EngineLike | None = None) -> web.Appl
     """The bridge's application. `engine` replaces the real llama.cpp worker (tests of translation only)."""
     app = web.Application(middlewares=middlewares(), client_max_size=settings.max_body_bytes)
     app[SETTINGS_KEY] = settings
+    registry.configure(settings.rpc_servers, settings.workers)
+    app[REACH_KEY] = Reach.build(settings.allowed_origins, settings.allowed_hosts, settings.host,
+                                 docker=settings.docker)
     bus = EventBus(snapshot=lambda: manage.snapshot(app))
     app[BUS_KEY] = bus
     app[ENGINE_KEY] = engine or _real_engine(
         settings, _on_loop(lambda n, d: app[MANAGER_KEY].on_engine_event(n, d))
     )
     app[MANAGER_KEY] = manage.ModelManager(settings, app[ENGINE_KEY], bus)
+    if engine is None:  # after a crash, a lost worker machine is planned out of the reload
+        app[ENGINE_KEY].respec = app[MANAGER_KEY].respec  # type: ignore[attr-defined]
     app[manage.STREAMS_KEY] = weakref.WeakSet()
-    for module in (openai, kobold, llamacpp, manage):
+    for module in (openai, kobold, llamacpp, manage, workers_routes):
         app.add_routes(module.routes)
     catalog_routes.add_routes(app)
     app.cleanup_ctx.append(_engine_lifetime)
@@ -63,7 +72,8 @@ def create_app(settings: Settings, engine: EngineLike | None = None) -> web.Appl
 def _real_engine(settings: Settings, on_event: Callable[[str, dict], None]) -> EngineLike:
     from ..engine.client import Engine  # the engine pulls in multiprocessing machinery: only when serving
 
-    return Engine(max_queue=settings.max_queue, on_event=on_event)
+    return Engine(max_queue=settings.max_queue, on_event=on_event, hang_timeout_s=settings.stall_timeout_s,
+                  load_stall_s=settings.load_stall_s, load_timeout_s=settings.load_timeout_s)
 
 
 def _on_loop(handle: Callable[[str, dict], None]) -> Callable[[str, dict], None]:
@@ -84,7 +94,7 @@ def _on_loop(handle: Callable[[str, dict], None]) -> Callable[[str, dict], None]
 
 
 async def _engine_lifetime(app: web.Application) -> AsyncIterator[None]:
-    app[START_TASK_KEY] = asyncio.create_task(app[MANAGER_KEY].load_at_start())
+    app[START_TASK_KEY] = asyncio.create_task(_start(app))
     yield
     start = app[START_TASK_KEY]
     if not start.done():
@@ -93,20 +103,31 @@ async def _engine_lifetime(app: web.Application) -> AsyncIterator[None]:
     await app[ENGINE_KEY].close()
 
 
+async def _start(app: web.Application) -> None:
+    """Check the workers and RPC servers first (the plan counts their devices), then load the model."""
+    for remote in await asyncio.to_thread(registry.refresh):
+        if remote.state != "ready":
+            log.warning("%s", remote.message)
+    await app[MANAGER_KEY].load_at_start()
+
+
 def serve(settings: Settings) -> None:
     """Run the bridge until interrupted (the `st-bridge serve` command)."""
     from ..config import check_exposure
 
     check_exposure(settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    hosts = listen_hosts(settings, app[REACH_KEY])
     url = f"http://{settings.host}:{settings.port}"
-    log.info("listening on %s (models in %s)", url, settings.models_path)
+    log.info("listening on %s (models in %s)", ", ".join(f"{h}:{settings.port}" for h in hosts),
+             settings.models_path)
     log.info("in SillyTavern: API Connections → Text Completion → KoboldCpp (or llama.cpp), URL %s", url)
     # handler_cancellation: a client that hangs up cancels its handler, which stops its generation.
     try:
         web.run_app(
-            create_app(settings),
-            host=settings.host,
+            app,
+            host=hosts,
             port=settings.port,
             handler_cancellation=True,
             print=None,
@@ -117,3 +138,17 @@ def serve(settings: Settings) -> None:
         if problem is None:
             raise
         raise problem from exc
+
+
+def listen_hosts(settings: Settings, reach: Reach) -> list[str]:
+    """The addresses to listen on: the configured one, plus Docker's bridge gateways with `--docker`."""
+    if not settings.docker or settings.host in ("0.0.0.0", "::", ""):  # a wildcard covers the gateways
+        return [settings.host]
+    if not reach.docker:
+        log.warning("--docker: no Docker bridge network (docker0, br-*) on this machine, so containers "
+                    "cannot reach the bridge; start Docker first, then the bridge. (Docker Desktop on "
+                    "Windows and macOS needs no --docker: host.docker.internal reaches 127.0.0.1.)")
+        return [settings.host]
+    log.info("Docker: also listening on %s for containers (%s)", ", ".join(reach.docker_gateways),
+             ", ".join(f"{n.interface} {n.network}" for n in reach.docker))
+    return [settings.host, *[g for g in reach.docker_gateways if g != settings.host]]

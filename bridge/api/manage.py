@@ -25,6 +25,7 @@ from ..events import Event, EventBus
 from ..gguf import GGUFHeader, ModelInfo, model_info, read_file
 from ..hardware import HardwareReport
 from ..planning import LoadedUse, LoadPlan, after_unload, budget_note, loaded_use, plan_load
+from ..workers.registry import lost, registry
 from . import BUS_KEY, MANAGER_KEY, SETTINGS_KEY, EngineLike
 from .schemas import LoadBody
 from .streaming import sse_open, sse_send
@@ -56,6 +57,7 @@ class ModelManager:
         self._incoming: str | None = None  # the id of the model a load under way brings in
         self._overrides: dict[str, Any] = {}  # the settings the loaded model was asked for
         self.loaded: LoadedUse | None = None  # what the loaded model's worker holds, measured after its load
+        self._respecced: dict[str, Any] | None = None  # the plan a restart after a lost worker loads
 
     # --- what is loaded ---
 
@@ -236,6 +238,34 @@ class ModelManager:
         return {"actual": status.allocation, "differences": [d.to_dict() for d in differences],
                 "loaded_use": self.loaded.to_dict()}
 
+    def respec(self, spec: LoadSpec, reason: str) -> LoadSpec:
+        """After the engine crashed: when devices on other machines no longer answer, plan the model again
+        without them (the engine loads that), or say why it cannot run without them."""
+        gone = lost(spec.placement.rpc_servers) if spec.placement else []
+        if not gone:
+            return spec
+        where = ", ".join(gone)
+        registry.mark_lost(gone, f"the worker at {where} stopped answering ({reason}); left out of the plan")
+        self.loaded = None  # the crashed worker's memory is free already
+        try:
+            planned = self._plan(read_file(spec.model_path), self._overrides)
+        except BridgeError as exc:
+            raise EngineError(f"the worker at {where} is gone and {spec.model_id} does not run without it: "
+                              f"{exc.message}") from exc
+        log.warning("the worker at %s is gone: loading %s again without it (%s)", where, spec.model_id,
+                    planned.summary["reason"])
+        self._respecced = planned.summary
+        return dataclasses.replace(spec, n_ctx=planned.n_ctx, n_gpu_layers=planned.placement.n_gpu_layers,
+                                   kv_type=planned.kv_type, flash_attn=planned.flash_attn,
+                                   placement=planned.placement)
+
+    def _after_restart(self) -> None:
+        """The engine is back after a crash: with a new plan when a worker was planned out."""
+        summary, self._respecced = self._respecced, None
+        status = self.engine.status()
+        if summary is not None and status.model_id:
+            self.plan = summary | self._check_allocation(status.model_id, summary, status)
+
     async def _engine_load(self, spec: LoadSpec, cancel_running: bool) -> Any:
         if cancel_running:
             return await self.engine.load(spec, cancel_running=True)  # type: ignore[call-arg]
@@ -289,6 +319,7 @@ class ModelManager:
         if name == "error":
             self.bus.publish("error", data)
         if name == "ready" and not self._lock.locked():
+            self._after_restart()
             self._announce_ready()
         if name in ("ready", "error", "unloaded"):
             self.bus.publish("status", self.status_dict())

@@ -58,6 +58,12 @@ def probe_rpc(endpoint: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
     return None
 
 
+def list_rpc_devices(endpoint: str, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[list[Device], str | None]:
+    """The devices one RPC server exposes (its registry name RPC<n> is this probe's, not the engine's)."""
+    found, error = _run([endpoint], timeout_s)
+    return [d for d in found if d.is_rpc], error
+
+
 def _run(rpc_servers: list[str], timeout_s: float) -> tuple[list[Device], str | None]:
     try:
         proc = subprocess.run([sys.executable, "-m", "bridge.devices.inventory", *rpc_servers],

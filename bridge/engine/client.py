@@ -113,6 +113,22 @@ class _Worker:
             return False
 
 
+def _crash_reason(worker: _Worker, exitcode: int | None) -> str:
+    """Why the worker died; when it used devices on other machines that no longer answer, it names them
+    (llama.cpp aborts the process whose RPC connection breaks)."""
+    reason = _exit_reason(exitcode)
+    placement = worker.spec.placement
+    if placement is None or not placement.rpc_servers:
+        return reason
+    from bridge.workers.registry import lost
+
+    gone = lost(placement.rpc_servers)
+    if not gone:
+        return reason
+    return (f"the worker at {', '.join(gone)} stopped answering "
+            f"({reason}: llama.cpp aborts when a worker is lost)")
+
+
 def _exit_reason(exitcode: int | None) -> str:
     if exitcode is not None and exitcode < 0:
         import signal
@@ -131,8 +147,12 @@ class Engine:
 
     def __init__(self, *, max_queue: int = 16, on_event: EventCallback | None = None,
                  hang_timeout_s: float = 120.0, cancel_timeout_s: float = 30.0,
-                 load_stall_s: float = 300.0, load_timeout_s: float = 3600.0) -> None:
+                 load_stall_s: float = 300.0, load_timeout_s: float = 3600.0,
+                 respec: Callable[[LoadSpec, str], LoadSpec] | None = None) -> None:
         self.max_queue = max_queue
+        # After a crash: the spec to load again (a worker machine that vanished is planned out of it), or an
+        # EngineError saying why the model cannot run without it. None: the same spec.
+        self.respec = respec
         # A generation is hung when the worker reports no progress for this long. Progress is every
         # message: a token, a prompt batch done, or a heartbeat from inside llama.cpp's compute
         # (engine/progress.py), so a batch that takes minutes on a slow machine is not mistaken for a hang.
@@ -247,7 +267,7 @@ class Engine:
                 self._emit("ready", {"model_id": spec.model_id, **message[1]})
                 return
             else:
-                reason = message[1] if kind == "load_error" else _exit_reason(message[1])
+                reason = message[1] if kind == "load_error" else _crash_reason(worker, message[1])
                 worker.stopping = True
                 await worker.stop(grace_s=2.0)
                 self._state, self._error = "error", f"could not load {spec.model_id}: {reason}"
@@ -302,7 +322,7 @@ class Engine:
         """The reader saw the worker's pipe close: if nobody stopped it, it crashed."""
         if worker.stopping or worker is not self._worker:
             return
-        self._begin_restart(worker, _exit_reason(worker.process.exitcode))
+        self._begin_restart(worker, _crash_reason(worker, worker.process.exitcode))
 
     def _begin_restart(self, worker: _Worker, reason: str) -> None:
         """Hold new turns at once (synchronously), then reload the same model in the background."""
@@ -329,9 +349,14 @@ class Engine:
                     return  # a load or close replaced it meanwhile
                 self._worker = None
                 try:
-                    await self._start(crashed.spec)
+                    spec = crashed.spec
+                    if self.respec is not None:
+                        spec = await asyncio.to_thread(self.respec, spec, self._error or "")
+                    await self._start(spec)
                 except EngineError as exc:
                     log.error("engine: restart failed: %s", exc)
+                    self._state, self._error = "error", exc.message
+                    self._emit("error", {"model_id": crashed.spec.model_id, "message": exc.message})
         finally:
             self._turns.unblock()
 
@@ -407,7 +432,7 @@ class Engine:
                 return
             kind = message[0]
             if kind == "dead":
-                yield self._crashed(worker, _exit_reason(message[1]))
+                yield self._crashed(worker, _crash_reason(worker, message[1]))
                 return
             if len(message) < 3 or message[1] != request_id:
                 continue  # progress of a load, or the tail of an earlier request
@@ -435,7 +460,7 @@ class Engine:
                     self._begin_restart(worker, reason)
                     return
                 if message[0] == "dead":
-                    self._begin_restart(worker, _exit_reason(message[1]))
+                    self._begin_restart(worker, _crash_reason(worker, message[1]))
                     return
                 if message[0] in ("done", "rejected") and message[1] == request_id:
                     return
