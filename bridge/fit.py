@@ -760,6 +760,7 @@ class Plan:
             d["free_mib"] = _round(free)
             if g < len(self.budget.gpus):
                 d["device"] = device_name(self.budget.gpus[g], g)
+                d["label"] = self.budget.gpus[g].name
         devices[-1]["device"] = "CPU"
         devices[-1]["available_mib"] = _round(self.budget.ram_usable)
         return {

@@ -122,18 +122,20 @@ function memoryText(plan) {
  * (weights + KV cache + compute buffers, in MiB). `off` marks a difference the bridge logged (over 5% or
  * 64 MiB).
  * @param {any} plan status.plan
- * @returns {{device: string, planned: number, actual: number|null, off: boolean}[]}
+ * @returns {{device: string, label: string, planned: number, actual: number|null, off: boolean}[]}
  */
 export function memoryRows(plan) {
     const planned = plan?.planned ?? {};
     const actual = plan?.actual?.devices ?? {};
     const off = new Set((plan?.differences ?? []).map((/** @type {any} */ d) => d.device));
+    const labels = new Map((plan?.devices ?? []).map((/** @type {any} */ d) => [d.device, d.label]));
     const names = [...new Set([...Object.keys(planned), ...Object.keys(actual)])];
     return names.map((device) => {
         const p = planned[device] ?? {};
         const a = actual[device];
         const total = Number(p.weights_mib || 0) + Number(p.kv_mib || 0) + Number(p.compute_mib || 0);
-        return { device, planned: total, actual: a ? Number(a.total_mib || 0) : null, off: off.has(device) };
+        const label = device === 'CPU' ? 'RAM' : (labels.get(device) ? `${device} · ${labels.get(device)}` : device);
+        return { device, label, planned: total, actual: a ? Number(a.total_mib || 0) : null, off: off.has(device) };
     });
 }
 

@@ -7,6 +7,7 @@ import { ACTIVE_DOWNLOAD_STATES, contextChoices, describeStatus, downloadProgres
     from './format.js';
 import { onOnlineStatusChanged, onlineStatus, toast } from './host.js';
 import { renderRecommendations, wireRecommendations } from './recommend.js';
+import { wireWorkers } from './workers.js';
 import { DEFAULT_SETTINGS, getApiKey, save, setApiKey } from './settings.js';
 
 const $p = (/** @type {string} */ id) => $(`#st_bridge_${id}`);
@@ -50,9 +51,8 @@ export function wirePanel(controller) {
     $p('connect').on('click', () => controller.useInSillyTavern());
     $p('unload').on('click', () => run(() => controller.unload(), 'Unload failed'));
     $p('apply_ctx').on('click', () => {
-        const model = controller.status?.model;
-        if (!model) return toast('info', 'Load a model first.');
-        run(() => controller.load(model, Number($p('ctx').val())), 'Load failed');
+        if (!controller.status?.model) return toast('info', 'Load a model first.');
+        run(() => controller.changeContext(Number($p('ctx').val())), 'Load failed');
     });
     $p('quants').on('click', '.st-bridge-chip[data-id]', function () {
         const id = String($(this).data('id'));
@@ -63,6 +63,7 @@ export function wirePanel(controller) {
         run(() => controller.download(what), 'Download failed');
     });
     wireRecommendations(controller);
+    wireWorkers(controller);
 
     controller.subscribe(() => render(controller));
     onOnlineStatusChanged(() => renderSillyTavernState(controller));
@@ -142,7 +143,7 @@ function renderMemory(plan) {
             tr = $('<tr><td></td><td></td><td></td></tr>').appendTo(body);
         }
         const cells = tr.children();
-        cells.eq(0).text(row.device === 'CPU' ? 'RAM' : row.device);
+        cells.eq(0).text(row.label);
         cells.eq(1).text(formatBytes(row.planned * 1024 ** 2));
         cells.eq(2).text(row.actual === null ? '—' : formatBytes(row.actual * 1024 ** 2));
         tr.toggleClass('st-bridge-off', row.off).attr('data-device', row.device);

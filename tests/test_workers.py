@@ -20,12 +20,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from bridge import fit
 from bridge.engine.client import Engine
 from bridge.engine.types import GenerationRequest, GenerationResult, LoadSpec, SamplingParams, TokenChunk
-from bridge.gguf import read_file
 from bridge.workers.info import INFO_PATH, info_port
-from tests.fixtures.rpc import Worker, start_worker
+from tests.fixtures.rpc import Worker, lent_for_split, start_worker
 from tests.fixtures.server import REPO, BridgeServer, free_port, start_server
 
 CTX = 1024
@@ -33,26 +31,9 @@ PROMPT = "Once upon a time the dragon said"
 GREEDY = {"temperature": 0, "top_k": 1, "ignore_eos": True, "cache_prompt": False}
 
 
-def lent_for_three_way_split(model: Path) -> int:
-    """Memory each of two workers lends (whole MiB, the planner's margin included) so that the planner puts
-    layers on both and keeps some on the bridge's CPU: room for n offloaded layers, not for n + 1."""
-    header = read_file(model)
-
-    def most_on_a_device(ngl: int) -> float:
-        bd = fit.memory_breakdown(header, fit.FitParams(n_ctx=CTX, gpu_layers=ngl), [1.0, 1.0])
-        return max(d.weights_mib + d.kv_mib + d.compute_mib for d in bd.gpus)
-
-    n_layer = fit.ModelLayout.from_header(header).info.n_layer
-    for ngl in range(n_layer, 1, -1):
-        room = -(-most_on_a_device(ngl) // 1)
-        if room < most_on_a_device(ngl + 1):
-            return int(fit.RAM_MARGIN_MIN_MIB + room)
-    raise AssertionError("no memory size splits this model three ways")
-
-
 @pytest.fixture(scope="module")
 def two_workers(tiny_model: Path) -> Iterator[list[Worker]]:
-    memory = str(lent_for_three_way_split(tiny_model))
+    memory = str(lent_for_split(tiny_model, CTX, workers=2))
     workers = [start_worker("--memory", memory), start_worker("--memory", memory)]
     try:
         yield workers
