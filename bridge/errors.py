@@ -16,6 +16,7 @@ Deep code raises these; the HTTP layer maps them to a status code in one middlew
     ├── Busy                         503 with Retry-After: the queue is full, or a model is loading
     ├── ModelFileError               422: a file that is not a model we can read
     │   └── GGUFError                422: a GGUF header that is truncated, corrupt or hostile
+    ├── ChatTemplateError            422: a model's chat template that does not compile or refuses a chat
     ├── NotEnoughMemory              507: the model does not fit
     ├── NotEnoughDisk                507: the download does not fit on the disk
     ├── PlanFailed                   500: the planner could not place the model (nothing is loaded)
@@ -99,6 +100,13 @@ class ModelFileError(BridgeError):
 
 class GGUFError(ModelFileError):
     code = "bad_gguf"
+
+
+class ChatTemplateError(BridgeError):
+    """The model's Jinja chat template does not compile, fails, or refuses a conversation."""
+
+    status = 422
+    code = "bad_chat_template"
 
 
 class NotEnoughMemory(BridgeError):
