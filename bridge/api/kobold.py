@@ -110,6 +110,7 @@ async def _request(request: web.Request, *, stream: bool) -> Any:
     raw = await request.json()
     body = parse(KoboldGenerateBody, raw)
     body.stream = stream
+    body.n = 1  # KoboldAI's native API answers one text (ST asks for swipes only through /completion)
     engine = request.app[ENGINE_KEY]
     return to_request(body, body.prompt, n_ctx=engine.status().n_ctx, tokenize=engine.tokenize, raw=raw)
 

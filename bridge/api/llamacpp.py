@@ -87,9 +87,11 @@ async def completion(request: web.Request) -> web.StreamResponse:
     model = request.app[MANAGER_KEY].model_name()
     if not req.stream:
         done = await collect(request, req)
-        return web.json_response(
-            final(done.result, done.result.model_id or model, text=done.text) | _probs(done.chunks, req)
-        )
+        served_by = done.result.model_id or model
+        replies = [final(result, served_by, text=text) | _probs(chunks, req)
+                   for result, text, chunks in done.replies()]
+        # Several replies (`n`): an array, as llama-server answers and ST reads it (swipes 1..n-1).
+        return web.json_response(replies if req.n > 1 else replies[0])
     return await _stream(request, req, model)
 
 
@@ -111,6 +113,9 @@ async def _stream(request: web.Request, req: GenerationRequest, model: str) -> w
     response = await sse_open(request)
     try:
         while item is not None:
+            if isinstance(item, GenerationResult):
+                for swipe in item.swipes:  # every reply ends with its own stop chunk, the first one last
+                    await sse_send(response, final(swipe, item.model_id or model))
             await sse_send(response, _event(item, model, req))
             item = await anext(stream, None)
     except (ClientGone, ConnectionResetError):
@@ -122,8 +127,9 @@ async def _stream(request: web.Request, req: GenerationRequest, model: str) -> w
 
 def _event(item: TokenChunk | GenerationResult, model: str, req: GenerationRequest) -> dict[str, Any]:
     if isinstance(item, TokenChunk):
-        data = {"content": item.text, "stop": False, "id_slot": 0, "multimodal": False, "index": 0}
-        return data | _probs([item], req)
+        # `index` > 0: a chunk of swipe `index` (ST appends it to that swipe, llama-server's own format).
+        data = {"content": item.text, "stop": False, "id_slot": 0, "multimodal": False, "index": item.index}
+        return data | (_probs([item], req) if item.index == 0 else {})
     if item.stop_type == "error":
         return {"error": {"code": 500, "message": f"generation failed: {item.error}", "type": "server_error"}}
     return final(item, item.model_id or model)
@@ -134,7 +140,7 @@ def final(result: GenerationResult, model: str, text: str = "") -> dict[str, Any
         "content": text,
         "stop": True,
         "id_slot": 0,
-        "index": 0,
+        "index": result.index,
         "model": model,
         "tokens_predicted": result.tokens_predicted,
         "tokens_evaluated": result.tokens_evaluated,

@@ -114,7 +114,11 @@ async def _respond(request: web.Request, req: GenerationRequest, shape: _Complet
     if not req.stream:
         done = await collect(request, req)
         shape.model = done.result.model_id or shape.model
-        return web.json_response(shape.whole(done.text, done.result, done.chunks, req.sampling.n_probs))
+        answer = shape.whole(done.text, done.result, done.chunks, req.sampling.n_probs)
+        # `n` > 1: one choice per reply, each with its index (OpenAI's shape; ST reads choices 1.. as swipes).
+        answer["choices"] = [shape.whole(text, result, chunks, req.sampling.n_probs)["choices"][0]
+                             for result, text, chunks in done.replies()]
+        return web.json_response(answer)
     stream = generation(request, req)
     first = await first_item(stream)
     # Its turn has come: the model serving it now is the one to name (a swap may have come in between).
@@ -139,7 +143,10 @@ async def _send_item(response: web.StreamResponse, shape: _Completion, item: Any
     if isinstance(item, TokenChunk):
         if item.text or (n_probs and item.token_id is not None):
             await sse_send(response, shape.chunk(item, n_probs))
-    elif item.stop_type == "error":
+        return
+    for swipe in item.swipes:  # each reply of an `n` > 1 request ends with its own closing chunk
+        await sse_send(response, shape.last(swipe))
+    if item.stop_type == "error":
         # ST shows `error.message` as a toast and stops reading: exactly what a failed generation needs.
         await sse_send(
             response, {"error": {"message": f"generation failed: {item.error}", "type": "server_error"}}
@@ -158,13 +165,13 @@ class _Completion:
         self.model = model
         self.created = int(time.time())
 
-    def _envelope(self, choice: dict[str, Any]) -> dict[str, Any]:
+    def _envelope(self, choice: dict[str, Any], index: int = 0) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": self.object,
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, **choice}],
+            "choices": [{"index": index, **choice}],
         }
 
     def opening(self) -> list[dict[str, Any]]:
@@ -172,20 +179,18 @@ class _Completion:
 
     def chunk(self, chunk: TokenChunk, n_probs: int) -> dict[str, Any]:
         logprobs = openai_logprobs([chunk]) if n_probs else None
-        return self._envelope({"text": chunk.text, "finish_reason": None, "logprobs": logprobs})
+        return self._envelope({"text": chunk.text, "finish_reason": None, "logprobs": logprobs}, chunk.index)
 
     def last(self, result: GenerationResult) -> dict[str, Any]:
-        return self._envelope({"text": "", "finish_reason": result.finish_reason, "logprobs": None}) | {
-            "usage": usage(result)
-        }
+        closing = {"text": "", "finish_reason": result.finish_reason, "logprobs": None}
+        return self._envelope(closing, result.index) | {"usage": usage(result)}
 
     def whole(
         self, text: str, result: GenerationResult, chunks: list[TokenChunk], n_probs: int
     ) -> dict[str, Any]:
         logprobs = openai_logprobs(chunks) if n_probs else None
-        return self._envelope({"text": text, "finish_reason": result.finish_reason, "logprobs": logprobs}) | {
-            "usage": usage(result)
-        }
+        choice = {"text": text, "finish_reason": result.finish_reason, "logprobs": logprobs}
+        return self._envelope(choice, result.index) | {"usage": usage(result)}
 
 
 class _Chat(_Completion):
@@ -195,17 +200,19 @@ class _Chat(_Completion):
         return [self._envelope({"delta": {"role": "assistant", "content": ""}, "finish_reason": None})]
 
     def chunk(self, chunk: TokenChunk, n_probs: int) -> dict[str, Any]:
-        return self._envelope({"delta": {"content": chunk.text}, "finish_reason": None, "logprobs": None})
+        delta = {"delta": {"content": chunk.text}, "finish_reason": None, "logprobs": None}
+        return self._envelope(delta, chunk.index)
 
     def last(self, result: GenerationResult) -> dict[str, Any]:
-        return self._envelope({"delta": {}, "finish_reason": result.finish_reason}) | {"usage": usage(result)}
+        closing = {"delta": {}, "finish_reason": result.finish_reason}
+        return self._envelope(closing, result.index) | {"usage": usage(result)}
 
     def whole(
         self, text: str, result: GenerationResult, chunks: list[TokenChunk], n_probs: int
     ) -> dict[str, Any]:
         message = {"role": "assistant", "content": text}
-        body = self._envelope({"message": message, "finish_reason": result.finish_reason, "logprobs": None})
-        return body | {"object": "chat.completion", "usage": usage(result)}
+        choice = {"message": message, "finish_reason": result.finish_reason, "logprobs": None}
+        return self._envelope(choice, result.index) | {"object": "chat.completion", "usage": usage(result)}
 
 
 def usage(result: GenerationResult) -> dict[str, int]:

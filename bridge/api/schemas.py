@@ -12,6 +12,8 @@ from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
+MAX_SWIPES = 16  # replies one request may ask for (`n`); ST's "swipes per generation" goes to 10
+
 
 def _alias(*names: str) -> Any:
     return Field(None, validation_alias=AliasChoices(*names))
@@ -70,6 +72,7 @@ class SamplerBody(_Lenient):
     temperature_last: bool | None = None
     add_bos_token: bool | None = None
     stream: bool = False
+    n: int = Field(1, ge=1, le=MAX_SWIPES)  # replies from one prompt (ST's multi-swipe; engine/swipes.py)
 
 
 class CompletionBody(SamplerBody):

@@ -65,6 +65,14 @@ class Collected:
     result: GenerationResult
     chunks: list[TokenChunk] = field(default_factory=list)
 
+    def replies(self) -> list[tuple[GenerationResult, str, list[TokenChunk]]]:
+        """Each reply of an `n` > 1 request (the first alone otherwise): result, text and tokens."""
+        out = []
+        for result in [self.result, *self.result.swipes]:
+            chunks = [c for c in self.chunks if c.index == result.index]
+            out.append((result, "".join(c.text for c in chunks), chunks))
+        return out
+
 
 async def collect(request: web.Request, req: GenerationRequest) -> Collected:
     """A whole (non-streamed) generation. A worker failure becomes an EngineError (HTTP 502)."""
@@ -79,7 +87,7 @@ async def collect(request: web.Request, req: GenerationRequest) -> Collected:
         raise EngineError("the generation ended without a result")
     if result.stop_type == "error":
         raise EngineError(f"generation failed: {result.error or 'the engine stopped'}")
-    return Collected("".join(c.text for c in chunks), result, chunks)
+    return Collected("".join(c.text for c in chunks if c.index == 0), result, chunks)
 
 
 # --- server-sent events ------------------------------------------------------------------------------

@@ -154,6 +154,7 @@ def to_request(
         sampling=sampling(body, tokenize, ooba=ooba),
         add_bos=body.add_bos_token if body.add_bos_token is not None else True,
         stream=body.stream,
+        n=body.n,
     )
 
 

@@ -66,6 +66,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     add_bos: bool = True
     stream: bool = True
+    n: int = 1  # replies to generate from this one prompt (ST's swipes per generation; engine/swipes.py)
 
 
 @dataclass
@@ -83,6 +84,7 @@ class TokenChunk:
     token_id: int | None = None
     logprob: float | None = None
     top: list[TokenProb] = field(default_factory=list)
+    index: int = 0  # which reply of an `n` > 1 request this token belongs to
 
 
 @dataclass
@@ -113,6 +115,8 @@ class GenerationResult:
     error: str | None = None
     model_id: str = ""  # the model that served the request (a swap may have come between asking and serving)
     cache_restored: bool = False  # a saved state of this chat was brought back (chat_memory.py)
+    index: int = 0  # this reply's number in an `n` > 1 request
+    swipes: list[GenerationResult] = field(default_factory=list)  # replies 1..n-1 of such a request
 
     @property
     def finish_reason(self) -> str:

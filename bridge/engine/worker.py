@@ -39,7 +39,7 @@ import numpy as np
 from bridge.devices.actual import Allocation, parse_load_log, rpc_buffer_aliases
 from bridge.devices.ggml import RPCUnavailable, devices_without_memory
 from bridge.devices.placement import model_params
-from bridge.engine import llama_log
+from bridge.engine import llama_log, swipes
 from bridge.engine.chat_memory import MIB, MIN_WORTH, ChatMemory, leaves
 from bridge.engine.progress import DECODE_ABORTED, ComputeWatch
 from bridge.engine.reuse import common_prefix, plan_reuse
@@ -315,6 +315,8 @@ class Runner:
     def generate(self, req: GenerationRequest, emit: Any, cancelled: Any,
                  progress: Any = None) -> GenerationResult:
         tokens = self.prompt_tokens(req)
+        if req.n > 1:  # several replies from one evaluation of the prompt
+            return swipes.run(self, req, tokens, emit, cancelled, progress)
         chain = build_chain(req.sampling, vocab=self.vocab, n_vocab=self.n_vocab, n_ctx=self.n_ctx,
                             eog_tokens=self.eog)
         try:
@@ -490,6 +492,9 @@ def _new_context(model: llama_cpp.llama_model_p, spec: LoadSpec) -> llama_cpp.ll
     # Sliding-window layers keep only their window (llama-server's default, and what the planner
     # sizes): the C API's default is a full-size cache, up to several GB more for Gemma models.
     params.swa_full = False
+    # Room for batched swipes (engine/swipes.py): sequences sharing one cache of n_ctx cells.
+    params.n_seq_max = swipes.capacity(model)
+    params.kv_unified = params.n_seq_max > 1
     ctx = llama_cpp.llama_init_from_model(model, params)
     if not ctx:
         raise LoadFailed(_reason(f"llama.cpp could not create a {params.n_ctx}-token context "
