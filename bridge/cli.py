@@ -22,14 +22,34 @@ def _print_json(data: Any) -> None:
 
 # --- hardware ----------------------------------------------------------------------------------------
 
+def _add_worker_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--worker", action="append", dest="workers", metavar="HOST:PORT",
+                   help="count an `st-bridge worker` on another machine too (repeat)")
+
+
+def _use_workers(args: argparse.Namespace) -> None:
+    """`--worker HOST:PORT`: those workers' devices count as offload devices (each is checked now)."""
+    addresses = getattr(args, "workers", None) or []
+    if not addresses:
+        return
+    from .workers.registry import registry
+
+    registry.configure([], addresses)
+    for remote in registry.refresh():
+        if remote.state != "ready":
+            print(f"note: {remote.message}", file=sys.stderr)
+
+
 def _add_hardware(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("hardware", help="show CPU, RAM and GPUs, and whether this build can use the GPU")
     p.add_argument("--json", action="store_true", help="print JSON")
+    _add_worker_flag(p)
 
 
 def _run_hardware(args: argparse.Namespace) -> int:
     from . import hardware
 
+    _use_workers(args)
     report = hardware.probe()
     if args.json:
         _print_json(hardware.report_to_dict(report))
@@ -102,6 +122,7 @@ def _human_size(n: int) -> str:
 
 def _add_fit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fit", help="plan how a GGUF model runs on this machine (or a what-if machine)")
+    _add_worker_flag(p)
     p.add_argument("file", help="a local GGUF file")
     p.add_argument("--ctx", type=int, help="context in tokens (default 8192, or the model's own if smaller)")
     p.add_argument("--ubatch", type=int, default=512, help="physical batch size (default 512)")
@@ -246,6 +267,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 def _add_recommend(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("recommend", help="the biggest, least-quantized catalog model that fits this machine")
+    _add_worker_flag(p)
     p.add_argument("--ctx", type=int, default=8192, help="context the model must hold (default 8192)")
     p.add_argument("--gpu-mib", type=int, action="append",
                    help="what if a GPU had this much free MiB (repeat per GPU; 0: no GPU)")
@@ -259,6 +281,7 @@ def _add_recommend(sub: argparse._SubParsersAction) -> None:
 def _machine(args: argparse.Namespace) -> Any:
     from .hardware import probe, what_if
 
+    _use_workers(args)
     report = probe()
     if args.gpu_mib is not None or args.ram_mib is not None:
         report = what_if(report, args.gpu_mib, args.ram_mib)
@@ -275,20 +298,38 @@ def _catalog(args: argparse.Namespace) -> Any:
     return catalog.load(data_dir)
 
 
+def _cpu_speed(args: argparse.Namespace, machine: Any) -> Any:
+    """This machine's CPU figures: measured once on the first recommendation (a few seconds), then kept."""
+    from pathlib import Path
+
+    from .calibrate import cached, cpu_speed
+    from .config import load_settings
+
+    settings = load_settings()
+    data_dir = Path(args.data_dir) if getattr(args, "data_dir", None) else settings.data_dir
+    if settings.speed_probe and machine.llama_cpp_version and cached(data_dir, machine) is None:
+        print("measuring this machine's speed once (a few seconds) ...", file=sys.stderr, flush=True)
+    return cpu_speed(data_dir, machine, measure_missing=settings.speed_probe)
+
+
 def _run_recommend(args: argparse.Namespace) -> int:
     from .hardware import probe
     from .recommend import recommend, what_if_machine
+    from .speed import describe_wait
 
+    _use_workers(args)
     machine = probe()
     if args.gpu_mib is not None or args.ram_mib is not None:
         machine = what_if_machine(machine, args.gpu_mib, args.ram_mib)
-    rec = recommend(_catalog(args), machine, n_ctx=args.ctx, limit=args.limit)
+    rec = recommend(_catalog(args), machine, n_ctx=args.ctx, limit=args.limit, cpu=_cpu_speed(args, machine))
     if args.json:
         _print_json(rec.to_dict())
         return 0
     for c in rec.candidates:
         size = f"{c.size_mib / 1024:5.1f} GiB"
-        print(f"[{c.badge:^7}] {c.repo:48} {c.quant:8} {size} ~{c.expected_tok_s:4.0f} tok/s  ctx {c.n_ctx}")
+        wait = describe_wait(c.first_reply_s)
+        print(f"[{c.badge:^7}] {c.repo:48} {c.quant:8} {size} ~{c.expected_tok_s:4.0f} tok/s  "
+              f"first reply {wait:>7}  ctx {c.n_ctx}")
     if rec.best:
         print(f"\n{rec.best.reason}\nst-bridge pull {rec.best.repo} --file {rec.best.file}")
     else:

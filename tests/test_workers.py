@@ -176,3 +176,19 @@ async def test_a_worker_lost_mid_reply_ends_it_with_its_name_and_the_model_reloa
     body = {"prompt": PROMPT, "n_predict": 4, **GREEDY}
     async with aiohttp.ClientSession(split_bridge.url) as http, http.post("/completion", json=body) as reply:
         assert reply.status == 200 and (await reply.json())["content"]  # and it serves again
+
+
+def test_hardware_and_fit_count_a_worker(two_workers: list[Worker], tiny_model: Path) -> None:
+    worker = two_workers[0]
+    run = [sys.executable, "-m", "bridge"]
+    report = json.loads(subprocess.run([*run, "hardware", "--json", "--worker", worker.address], cwd=REPO,
+                                       capture_output=True, text=True, timeout=120, check=True).stdout)
+    [gpu] = report["gpus"]
+    assert gpu["rpc_endpoint"] == worker.address and gpu["kind"] == "cpu" and gpu["device"] == "RPC0"
+    plan = json.loads(subprocess.run([*run, "fit", str(tiny_model), "--ctx", str(CTX), "--json", "--worker",
+                                      worker.address], cwd=REPO, capture_output=True, text=True, timeout=120,
+                                     check=True).stdout)
+    assert plan["devices"][0]["device"] == "RPC0" and plan["gpu_layers"] > 0
+    gone = subprocess.run([*run, "hardware", "--json", "--worker", "127.0.0.1:1"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, check=True)
+    assert json.loads(gone.stdout)["gpus"] == [] and "does not answer" in gone.stderr
