@@ -16,9 +16,11 @@ from typing import Any
 
 import pytest
 
+from bridge.errors import ChatTemplateError
 from tests.fixtures.sillytavern import ST_VERSIONS
 from tests.fixtures.st_assembly import (
     CHAT,
+    GREETING_CHAT,
     MANIFEST,
     STORY,
     SYSTEM_MESSAGE,
@@ -46,14 +48,24 @@ NOT_EXACT = {
 
 @pytest.fixture(scope="module")
 def st_prompts() -> dict[tuple[str, str], dict[str, Any]]:
-    """ST's prompt for every template, in each release: {(version, model): answer}."""
-    cases = [{"id": e["model"], "format": derived(e).to_dict(), "story": STORY, "chat": CHAT}
-             for e in ENTRIES]
+    """ST's prompt for every template, in each release, for the chat that opens with the user's message
+    and for the one that opens with the character's greeting: {(version, model or model|greeting): ...}."""
+    cases = []
+    for e in ENTRIES:
+        fmt = derived(e).to_dict()
+        cases += [{"id": e["model"], "format": fmt, "story": STORY, "chat": CHAT},
+                  {"id": f"{e['model']}|greeting", "format": fmt, "story": STORY, "chat": GREETING_CHAT}]
     answers: dict[tuple[str, str], dict[str, Any]] = {}
     for version in ST_VERSIONS:
         for model, answer in assemble(version, cases).items():
             answers[version, model] = answer
     return answers
+
+
+# Templates that refuse a chat opening with the character's greeting (roles must alternate user/assistant,
+# starting with the user): there is no render of their own to compare with.
+REFUSE_GREETING = {"Mistral-Nemo-Instruct-2407", "Mistral-Small-3.2-24B-Instruct-2506",
+                   "Mistral-7B-Instruct-v0.2", "gemma-2-2b-it", "gemma-7b-it", "c4ai-command-r-plus"}
 
 
 def test_at_least_fifteen_families() -> None:
@@ -69,15 +81,33 @@ def test_sillytavern_writes_the_models_own_prompt(version: str, entry: dict[str,
     fmt = derived(entry)
     expected_parts = [NOT_EXACT[entry["model"]]] if entry["model"] in NOT_EXACT else []
     assert [i.part for i in fmt.inexact] == expected_parts
-    if entry["model"] not in NOT_EXACT:
-        assert answer["prompt"] == jinja_prompt(entry)
+    assert answer["prompt"] == expected_prompt(entry, CHAT)
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=IDS)
+@pytest.mark.parametrize("version", ST_VERSIONS)
+def test_a_chat_opened_by_the_characters_greeting_too(
+    version: str, entry: dict[str, Any], st_prompts: dict[tuple[str, str], dict[str, Any]]
+) -> None:
+    answer = st_prompts[version, f"{entry['model']}|greeting"]
+    assert "error" not in answer, answer.get("error")
+    if entry["model"] in REFUSE_GREETING:
+        with pytest.raises(ChatTemplateError):
+            jinja_prompt(entry, system=False, chat=GREETING_CHAT)
         return
-    # Not exact only in the system prompt: ST writes it as a user turn of its own, then the chat exactly as
-    # the template writes a chat without one.
-    instruct = fmt.instruct
-    story_turn = instruct.story_string_prefix + SYSTEM_MESSAGE + instruct.story_string_suffix
+    assert answer["prompt"] == expected_prompt(entry, GREETING_CHAT)
+
+
+def expected_prompt(entry: dict[str, Any], chat: list[dict[str, str]]) -> str:
+    """The model's own prompt for `chat` after the proof's system prompt; for a template named in NOT_EXACT
+    the closest one: the system prompt as a user turn of its own, then the chat exactly as the template
+    writes it without one."""
+    if entry["model"] not in NOT_EXACT:
+        return jinja_prompt(entry, chat=chat)
+    instruct = derived(entry).instruct
     assert instruct.story_string_prefix == instruct.input_sequence
-    assert answer["prompt"] == story_turn + jinja_prompt(entry, system=False)
+    story_turn = instruct.story_string_prefix + SYSTEM_MESSAGE + instruct.story_string_suffix
+    return story_turn + jinja_prompt(entry, system=False, chat=chat)
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=IDS)

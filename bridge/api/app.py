@@ -33,6 +33,7 @@ from . import (
     llamacpp,
     manage,
     openai,
+    prompt_routes,
     workers_routes,
 )
 from .middleware import middlewares
@@ -60,7 +61,7 @@ def create_app(settings: Settings, engine: EngineLike | None = None) -> web.Appl
     if engine is None:  # after a crash, a lost worker machine is planned out of the reload
         app[ENGINE_KEY].respec = app[MANAGER_KEY].respec  # type: ignore[attr-defined]
     app[manage.STREAMS_KEY] = weakref.WeakSet()
-    for module in (openai, kobold, llamacpp, manage, workers_routes):
+    for module in (openai, kobold, llamacpp, manage, workers_routes, prompt_routes):
         app.add_routes(module.routes)
     catalog_routes.add_routes(app)
     app.cleanup_ctx.append(_engine_lifetime)

@@ -21,7 +21,7 @@ from datetime import datetime
 
 from ..errors import ChatTemplateError
 from . import probes
-from .probes import ASSISTANT, NARRATOR, SYSTEM, USER, Renders
+from .probes import ASSISTANT, GREETING_MARK, NARRATOR, SYSTEM, USER, Renders
 from .reasoning import reasoning_for
 from .st_presets import ContextPreset, Inexact, InstructPreset, PromptFormat
 
@@ -63,9 +63,16 @@ def derive(template: str, *, name: str, bos_token: str = "", eos_token: str = ""
         last_output_sequence=turns.last_output_sequence,
         stop_sequence=stop_sequence(turns.output_suffix, eos_token),
     )
-    _system(instruct, renders, chat, bos_token, eos_token, inexact)
+    standalone = _system(instruct, renders, chat, bos_token, inexact)
+    _greeting(instruct, renders, bos_token, standalone, inexact)
+    if not standalone:  # the story string is a user turn of its own, closed where a user turn ends
+        closing = _turn_end(instruct.input_suffix, [], None, eos_token)
+        instruct.story_string_suffix = closing or instruct.input_suffix
     reasoning = reasoning_for(template, name=name)
-    notes = _notes(writes_bos, bos_token, turns, reasoning is not None)
+    notes = _notes(writes_bos, bos_token, instruct, reasoning is not None)
+    if renders.greeting is None and renders.bare_greeting is None:
+        notes.append("The template refuses a chat that opens with the character's greeting (its roles must "
+                     "alternate, user first); ST sends the greeting as an ordinary reply.")
     return PromptFormat(
         name=name, source="template", family=family, instruct=instruct, context=ContextPreset(name=name),
         reasoning=reasoning, bos_token=bos_token if writes_bos else "", template_writes_bos=writes_bos,
@@ -150,20 +157,58 @@ def stop_sequence(output_suffix: str, eos: str) -> str:
 # --- the system prompt -------------------------------------------------------------------------------
 
 
-def _system(instruct: InstructPreset, renders: Renders, chat: str, bos: str, eos: str,
-            inexact: list[Inexact]) -> None:
-    """Story string prefix and suffix (ST's system prompt block), and the sequences of system messages."""
+def _system(instruct: InstructPreset, renders: Renders, chat: str, bos: str, inexact: list[Inexact]) -> bool:
+    """Story string prefix and suffix (ST's system prompt block), and the sequences of system messages.
+    False when the template has no system block of its own (the story string then becomes a user turn)."""
     problem = _standalone_system(instruct, renders, chat, bos)
     if problem is None:
         _narrator(instruct, renders, bos)
-        return
-    # Closest: the story string as a user turn of its own (closed where a user turn ends, even when the
-    # template's user suffix goes on to open the reply), and system messages written as user ones.
+        return True
+    # Closest: the story string as a user turn of its own (its closing is set once the turns are final),
+    # and system messages written as user ones.
     instruct.story_string_prefix = instruct.input_sequence
-    instruct.story_string_suffix = _turn_end(instruct.input_suffix, [], None, eos) or instruct.input_suffix
     instruct.system_same_as_user = True
     inexact.append(Inexact("system_prompt", f"{problem}; ST's story string is a block of its own, so it is "
                                             "sent as a separate user turn before the chat"))
+    return False
+
+
+def _greeting(instruct: InstructPreset, renders: Renders, bos: str, standalone: bool,
+              inexact: list[Inexact]) -> None:
+    """How the template opens the character's greeting, the assistant message an ST chat starts with.
+
+    Where it is not the output sequence, either the template writes the reply's opening with the user's
+    turn (the original Llama 3 template always ends a user turn with the assistant header): the gap is
+    split again so that the opening belongs to the assistant; or it opens a first reply differently, which
+    is ST's first output sequence."""
+    opening = _greeting_opening(instruct, renders, bos, standalone)
+    if opening is None or opening == instruct.output_sequence:
+        return
+    gap = instruct.input_suffix + instruct.output_sequence
+    tail = instruct.input_suffix + (instruct.last_output_sequence or instruct.output_sequence)
+    split = len(gap) - len(opening)
+    if opening and gap.endswith(opening) and tail.startswith(gap[:split]) and tail[split:]:
+        instruct.input_suffix = gap[: len(gap) - len(opening)]
+        instruct.output_sequence = opening
+        last = tail[len(instruct.input_suffix):]
+        instruct.last_output_sequence = last if last != opening else ""
+    elif opening:
+        instruct.first_output_sequence = opening
+    else:
+        inexact.append(Inexact("greeting", "the template writes the character's greeting with no opening, "
+                                           "which ST reads as 'use the output sequence'"))
+
+
+def _greeting_opening(instruct: InstructPreset, renders: Renders, bos: str, standalone: bool) -> str | None:
+    """What the template writes before a greeting that follows the system block (or opens the chat)."""
+    if standalone and renders.greeting:
+        pieces = probes.between(_strip(renders.greeting, bos), [SYSTEM, GREETING_MARK])
+        if pieces and pieces[1].startswith(instruct.story_string_suffix):
+            return pieces[1][len(instruct.story_string_suffix):]
+    if not standalone and renders.bare_greeting:
+        pieces = probes.between(_strip(renders.bare_greeting, bos), [GREETING_MARK])
+        return pieces[0] if pieces else None
+    return None
 
 
 def _standalone_system(instruct: InstructPreset, renders: Renders, chat: str, bos: str) -> str | None:
@@ -211,11 +256,12 @@ def _strip(text: str, bos: str) -> str:
     return text[len(bos):] if bos and text.startswith(bos) else text
 
 
-def _notes(writes_bos: bool, bos: str, turns: _Turns, reasoning: bool) -> list[str]:
+def _notes(writes_bos: bool, bos: str, instruct: InstructPreset, reasoning: bool) -> list[str]:
     notes = []
     if writes_bos:
         notes.append(f"The template begins with the BOS token {bos}: the bridge adds it to every prompt "
                      "(keep SillyTavern's 'Add BOS token' on), so the presets leave it out.")
-    if reasoning and re.search(r"<think>\s*$|\[THINK\]\s*$", turns.last_output_sequence):
+    opening = instruct.last_output_sequence or instruct.output_sequence
+    if reasoning and re.search(r"<think>\s*$|\[THINK\]\s*$", opening):
         notes.append("The generation prompt opens the thinking block: replies begin with the thoughts.")
     return notes

@@ -19,7 +19,7 @@ SYSTEM = "SysMkQ"
 USER = ("UsrMkA", "UsrMkB", "UsrMkC")
 ASSISTANT = ("AstMkA", "AstMkB")
 NARRATOR = "NarMkQ"  # a system message in the middle of the chat (ST's narrator / /sys messages)
-THOUGHT = "ThoMkQ"
+GREETING_MARK = "GrtMkQ"
 
 
 def _msg(role: str, content: str, **extra: Any) -> dict[str, Any]:
@@ -31,6 +31,8 @@ CHAT = [
     _msg("assistant", ASSISTANT[1]), _msg("user", USER[2]),
 ]
 CHAT_ORDER = [USER[0], ASSISTANT[0], USER[1], ASSISTANT[1], USER[2]]
+# An ST chat opens with the character's greeting: an assistant message first.
+GREETING = [_msg("assistant", GREETING_MARK), *CHAT[:3]]
 
 
 @dataclass
@@ -43,6 +45,8 @@ class Renders:
     user_only: str | None  # one user message, no generation prompt: what ends a user turn
     user_assistant: str | None  # user then assistant, no generation prompt: what ends an assistant turn
     narrator: str | None  # user, assistant, a system message, user: a system message inside the chat
+    greeting: str | None  # system, then the character's greeting (assistant) before the user's first message
+    bare_greeting: str | None  # the same without the system message
 
 
 def render_probes(template: str, *, bos_token: str, eos_token: str,
@@ -68,6 +72,8 @@ def render_probes(template: str, *, bos_token: str, eos_token: str,
         user_only=attempt(CHAT[:1], False)[0],
         user_assistant=attempt(CHAT[:2], False)[0],
         narrator=attempt([*CHAT[:2], _msg("system", NARRATOR), CHAT[2]], True)[0],
+        greeting=attempt([_msg("system", SYSTEM), *GREETING], True)[0],
+        bare_greeting=attempt(GREETING, True)[0],
     )
 
 
