@@ -16,11 +16,13 @@ Layout of this module, top to bottom:
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
-from itertools import accumulate
+from itertools import accumulate, pairwise
+from typing import Any
 
 from gguf.constants import GGMLQuantizationType as Q
 
@@ -58,8 +60,6 @@ FLASH_ATTN_MODES = ("on", "off", "auto")
 # they then live in anonymous memory, and their pages in the mapped file become reclaimable page cache.
 REPACK_TYPES = frozenset({Q.Q4_0, Q.Q4_K, Q.IQ4_NL})
 REPACK_ROWS = 8  # the interleave width: a matrix whose row count is not a multiple of it stays as is
-
-QUANTIZED_V_EXTRA_FROM_CTX = 4096
 
 BLOCK_RE = re.compile(r"^blk\.(\d+)\.")
 EXPERT_RE = re.compile(r"_exps\.|\.ffn_(gate|up|down)\.\d+\.weight$")
@@ -285,118 +285,593 @@ def _kv_layer_bytes(info: ModelInfo, att: Attention, il: int, widest_v: int) -> 
     return cells * (row_bytes(att.type_k, w_k) + row_bytes(att.type_v, w_v)) + state
 
 
+# --- compute buffers -------------------------------------------------------------------------------------
+#
+# llama.cpp sizes each backend's compute buffer by reserving the worst-case graph, one full ubatch against
+# the whole cache (llama-context.cpp, sched_reserve), through ggml_backend_sched (ggml-backend.cpp). The
+# scheduler runs an op on the backend that holds its weights, except that a GPU takes over ops whose weights
+# are in RAM once the batch is large enough (`offload_op`), copying the weight in at the start of a split of
+# its own; a tensor used on another backend is copied there at the start of the split that needs it. The
+# graph allocator (ggml-alloc.c) gives a tensor its place when the op that makes it runs: the smallest free
+# block below the top that holds it, else the top; element-wise ops take over their input's memory; a
+# tensor is freed after its last consumer. A buffer is the allocator's high-water mark, holes included. The
+# planner replays that allocator over the tensors of the graph llama.cpp builds for a transformer block
+# (src/models/llama.cpp, llama-graph.cpp), in graph order, once per backend.
+
+OFFLOAD_MIN_BATCH = 32  # ggml-cuda offload_op: a GPU takes over ops of weights in RAM from this batch on
+PIPELINE_COPIES = 4  # GGML_SCHED_MAX_COPIES: input copies kept with pipeline parallelism (several GPUs)
+CUDA_ROW_PADDING = 512  # MATRIX_ROW_PADDING: a quantized tensor's CUDA buffer pads its rows to this
+GPU_ALIGN, HOST_ALIGN = 128, 32  # tensor alignment in a CUDA buffer and in (pinned) host memory
+RUN_HEAD = 2  # blocks of a run replayed before looking for the allocator's cycle (period 1 or 2)
+
+# How a block runs on a backend. On a GPU: NATIVE (its weights and cache are there), COPIED (weights and
+# cache in RAM, the first GPU runs it anyway: each weight and both cache views are copied in), EXPERTS
+# (native, the routed experts copied in from RAM), EXPERTS_AWAY (native, its experts stay in RAM and the CPU
+# runs them: small batches), EXPERTS_GPU0 (native, its experts in RAM run on the first GPU). On the host:
+# NATIVE (the CPU runs it), STORE (a COPIED block's K and V come back to be stored in the cache),
+# REMOTE_EXPERTS (the experts of an EXPERTS_AWAY block); on the first GPU, those of EXPERTS_GPU0 blocks.
+NATIVE, COPIED, EXPERTS, EXPERTS_AWAY, EXPERTS_GPU0, STORE, REMOTE_EXPERTS = range(7)
+INPUT_NAMES = ("pos", "k_rot", "v_rot", "k_idxs", "v_idxs", "mask", "out_ids")
+
+
 @dataclass(frozen=True)
-class Activations:
-    """Widths (elements per token) the compute graph of a set of layers works with."""
+class BlockGraph:
+    """Bytes of the tensors one block's graph allocates for one ubatch, and of the weights a GPU copies in
+    when the block's weights stay in RAM. For a run of blocks: the largest of each."""
 
-    n_embd: int
-    ffn: int  # widest feed-forward activation: n_ff, or n_expert_used x expert width
-    n_ff: int
-    kq: int  # widest attention score row summed over heads: max over layers of n_kv(il) x n_head(il)
-    dequant: float  # bytes of one layer's quantized K/V converted to f16 (GPU flash attention)
+    x: float = 0.0  # the residual stream and every n_embd-wide activation
+    q: float = 0.0  # Q, projected and then RoPE'd (RoPE of a reshaped view cannot run in place)
+    o: float = 0.0  # the attention output before its projection
+    k: float = 0.0
+    v: float = 0.0
+    scores: float = 0.0  # without flash attention: KQ, cells x heads per token (softmax runs in place)
+    fa_f16: float = 0.0  # CUDA flash attention: quantized K/V converted to f16 inside the op's buffer
+    k_view: float = 0.0  # the block's K cache as attention reads it (copied to a GPU from RAM)
+    v_view: float = 0.0
+    ffn: float = 0.0  # gate, up and their product: n_ff, or n_expert_used x expert width
+    down: float = 0.0  # FFN output: x, or one per chosen expert
+    router: float = 0.0  # MoE: expert logits, and the experts sorted by them
+    route: float = 0.0  # MoE: the chosen experts' weights
+    rot_k: bool = False  # quantized K: Q and K are rotated (Hadamard) before attention
+    rot_v: bool = False  # quantized V: V, and the attention output back
+    w_q: float = 0.0
+    w_k: float = 0.0
+    w_v: float = 0.0
+    w_o: float = 0.0
+    w_ffn: float = 0.0  # gate or up
+    w_down: float = 0.0
+    w_router: float = 0.0
+    w_experts: float = 0.0  # one stacked expert tensor (gate, up or down)
+
+    def merge(self, other: BlockGraph) -> BlockGraph:
+        if other is self:
+            return self
+        return BlockGraph(*map(max, vars(self).values(), vars(other).values()))
 
 
-def activations(layout: ModelLayout, att: Attention, layers: Sequence[int]) -> Activations:
+@dataclass(frozen=True)
+class GraphInputs:
+    """Bytes of the graph's inputs (llama-graph.cpp): token ids, the embeddings input (allocated though a
+    text batch leaves it unused), positions, rotations, KV slots, KQ mask(s), the rows to output."""
+
+    tokens: float
+    embd: float
+    pos: float
+    k_rot: float
+    v_rot: float
+    k_idxs: float
+    v_idxs: float
+    mask: float
+    out_ids: float
+
+    def sizes(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in INPUT_NAMES}
+
+
+@dataclass(frozen=True)
+class _BlockShape:
+    """The part of a block's graph the run settings do not change."""
+
+    ffn: int  # FFN activation width
+    moe: bool
+    weights: tuple[float, ...]  # bytes of the weights BlockGraph lists, w_q to w_experts
+
+
+def block_graph(layout: ModelLayout, att: Attention, il: int) -> BlockGraph:
+    return _graph(layout.info, att, il, _block_shape(layout, il))
+
+
+def _graph(info: ModelInfo, att: Attention, il: int, shape: _BlockShape) -> BlockGraph:
+    u = 4.0 * att.n_ubatch  # bytes of one f32 element per token
+    w_k, w_v = kv_widths(info, il)
+    heads = info.n_head[il] if w_k else 0
+    cells = kv_cells(info, att, il)
+    quantized_k, quantized_v = att.type_k != "f16", att.type_v != "f16"
+    used = info.n_expert_used if shape.moe else 1
+    return BlockGraph(
+        u * info.n_embd, u * heads * info.head_dim_k, u * heads * info.head_dim_v, u * w_k, u * w_v,
+        0.0 if att.flash_attn else u * cells * heads,
+        2.0 * cells * (w_k * quantized_k + w_v * quantized_v) if att.flash_attn else 0.0,
+        _view_bytes(att.type_k, cells, w_k, info.head_dim_k),
+        _view_bytes(att.type_v, cells, w_v, info.head_dim_v),
+        u * shape.ffn, u * info.n_embd * used, u * info.n_expert if shape.moe else 0.0,
+        u * used if shape.moe else 0.0, bool(w_k) and quantized_k and info.head_dim_k % 64 == 0,
+        bool(w_v) and quantized_v and info.head_dim_v % 64 == 0, *shape.weights)
+
+
+def _view_bytes(kv_type: str, cells: int, width: int, head_dim: int) -> float:
+    """One layer's K or V cache as a GPU's copy of it: CUDA pads a quantized row to 512 elements."""
+    pad = row_bytes(kv_type, -head_dim % CUDA_ROW_PADDING) if kv_type != "f16" and width else 0.0
+    return cells * row_bytes(kv_type, width) + pad
+
+
+def _block_shape(layout: ModelLayout, il: int) -> _BlockShape:
+    """The FFN width of block il, whether it routes to experts, and the bytes of each weight it multiplies
+    by, for the copies a GPU makes of weights in RAM. A byte table need not name its matrices, so each gets
+    its group's bytes in proportion to its elements: the dense matrices (attention, FFN, shared experts),
+    the stacked experts (gate, up, down), the router."""
     info = layout.info
-    ffn = max((_ffn_width(layout, il) for il in layers), default=0)
-    attending = [il for il in layers if kv_widths(info, il)[0]]
-    kq = max((kv_cells(info, att, il) * info.n_head[il] for il in attending), default=0)
-    dequant = 0.0
-    for il in layers:
-        w_k, w_v = kv_widths(info, il)
-        quantized = w_k * (att.type_k != "f16") + w_v * (att.type_v != "f16")
-        dequant = max(dequant, kv_cells(info, att, il) * quantized * 2.0)
-    n_ff = max((info.n_ff[il] for il in layers), default=0)
-    return Activations(info.n_embd, ffn, n_ff, kq, dequant)
+    block = layout.blocks[il]
+    expert_rows = [m.rows for m in block if m.expert]
+    moe = bool(expert_rows and info.n_expert_used)
+    if moe:
+        hidden = [r for r in expert_rows if r != info.n_embd] or expert_rows  # gate/up, not down
+        ffn = info.n_expert_used * (info.n_ff_expert or max(hidden))
+    else:  # without an FFN (e.g. Mamba): its widest projection
+        ffn = info.n_ff[il] or max((m.rows for m in block), default=0)
+    router = sum(m.nbytes for m in block if moe and not m.expert and m.rows == info.n_expert)
+    dense = sum(m.nbytes for m in block if not m.expert and m.rows > 1) - router
+    e, heads, heads_kv = info.n_embd, info.n_head[il], info.n_head_kv[il]
+    q, o = e * heads * info.head_dim_k, e * heads * info.head_dim_v
+    k, v = e * heads_kv * info.head_dim_k, e * heads_kv * info.head_dim_v
+    f = e * (info.n_ff_expert * info.n_expert_shared if moe else info.n_ff[il])
+    per = dense / ((q + k + v + o + 3 * f) or 1)
+    experts = sum(m.nbytes for m in block if m.expert) / 3
+    weights = (q * per, k * per, v * per, o * per, f * per, f * per, float(router), experts)
+    return _BlockShape(ffn, moe, weights)
 
 
-def _ffn_width(layout: ModelLayout, il: int) -> int:
-    expert_rows = [m.rows for m in layout.blocks[il] if m.expert]
-    return _ffn_width_of(layout.info, il, max(expert_rows) if expert_rows else None)
-
-
-def _ffn_width_of(info: ModelInfo, il: int, expert_rows: int | None) -> int:
-    if expert_rows is not None and info.n_expert_used:
-        return info.n_expert_used * expert_rows  # gate/up rows of one expert: its hidden width
-    return info.n_ff[il]
-
-
-def gpu_compute_bytes(layout: ModelLayout, att: Attention, layers: Sequence[int], has_output: bool,
-                      partial: bool) -> float:
-    """One GPU's compute buffer: the peak of the phases of its graph (llama.cpp reserves the worst-case
-    graph: one full ubatch against the whole context). Calibrated on an H100 (fit-reference 1.3):
-    logits `(n_vocab + n_embd) x ubatch x 4 B` dominate with flash attention; without it the KQ scores
-    `n_kv x ubatch x n_head x 4 B`; a quantized KV cache adds one layer's K/V converted to f16."""
-    return _gpu_compute(layout.info, att, activations(layout, att, layers), bool(layers), has_output, partial)
-
-
-def _gpu_compute(info: ModelInfo, att: Attention, a: Activations, layers: bool, has_output: bool,
-                 partial: bool) -> float:
+def graph_inputs(info: ModelInfo, att: Attention) -> GraphInputs:
+    """One KQ mask and one pair of KV slot lists per cache (two with sliding-window layers); without flash
+    attention the mask is f32 and V, stored transposed, gets a slot per element."""
     u = att.n_ubatch
-    phases = [4.0 * u * (info.n_vocab + a.n_embd)] if has_output else [0.0]
-    if layers:
-        phases.append(4.0 * u * (3 * a.ffn + 3 * a.n_embd))
-        if att.flash_attn:
-            phases.append(2.0 * u * att.n_ctx + 16.0 * u * a.n_embd + a.dequant)
+    caches = {bool(info.swa_layers and info.swa_layers[il]): il for il in range(info.n_layer)
+              if kv_widths(info, il)[0]}
+    mask = sum(u * kv_cells(info, att, il) * (2.0 if att.flash_attn else 4.0) for il in caches.values())
+    slots = 8.0 * u * max(len(caches), 1)
+    v_slots = 1 if att.flash_attn else max(_widest_v(info), 1)
+    rot_k = att.type_k != "f16" and info.head_dim_k % 64 == 0
+    rot_v = att.type_v != "f16" and info.head_dim_v % 64 == 0
+    return GraphInputs(4.0 * u, 4.0 * u * info.n_embd, 4.0 * u, 4.0 * _rotation(info.head_dim_k) ** 2 * rot_k,
+                       4.0 * 64 * 64 * rot_v, slots, slots * v_slots, mask, 4.0 * u)
+
+
+def _rotation(head_dim: int) -> int:
+    """Side of the Hadamard matrix that rotates K: the largest power of two from 64 on dividing it."""
+    n = 64
+    while head_dim % (2 * n) == 0:
+        n *= 2
+    return n
+
+
+def output_bytes(layout: ModelLayout, att: Attention) -> tuple[float, float]:
+    """The logits (f32, every row of the ubatch output in the worst case) and the output weight a GPU
+    copies in when the output layer stays in RAM (the token embedding when the output is tied to it)."""
+    weight = sum(m.nbytes for m in layout.output if m.rows > 1)
+    return 4.0 * att.n_ubatch * layout.info.n_vocab, float(weight or layout.token_embd)
+
+
+# --- the tensors of a block, as events
+
+Event = tuple  # ("a", key, bytes) made | ("f", key) freed | ("r", key, new) renamed: an op ran in place
+#                | ("s",) a split starts | ("i", key, bytes) its input | ("n", input) a graph input used
+#                | ("u", input) used, for the last time if no later "u" | ("L", run) | ("R", run, n, events)
+Run = tuple[int, int, BlockGraph]  # (how the blocks run, how many in a row, their graph)
+
+
+@lru_cache(maxsize=2048)
+def _block_events(b: BlockGraph, how: int, last: bool, gpu: bool) -> tuple[Event, ...]:
+    """One block's tensors in llama.cpp's graph order: when each is made and when its last consumer has run.
+    RMS norms' weights, residual adds and the softmax run in place. The last block keeps only the rows
+    that are output (all of them, in the worst case) of the attention output and of the residual."""
+    copied = how == COPIED
+    ev: list[Event] = [("a", "n", b.x)]
+    _matmul(ev, "Qm", b.q, b.w_q if copied else 0.0)
+    ev += [("n", "pos"), ("a", "Q", b.q), ("f", "Qm")]
+    if b.rot_k:
+        ev += [("n", "k_rot"), ("a", "Qh", b.q), ("f", "Q"), ("r", "Qh", "Q")]
+    _matmul(ev, "V", b.v, b.w_v if copied else 0.0)
+    if b.rot_v:
+        ev += [("n", "v_rot"), ("a", "Vh", b.v), ("f", "V"), ("r", "Vh", "V")]
+    _matmul(ev, "Km", b.k, b.w_k if copied else 0.0)
+    ev += [("f", "n"), ("a", "K", b.k), ("f", "Km"), ("u", "pos")]
+    if b.rot_k:
+        ev += [("a", "Kh", b.k), ("u", "k_rot"), ("f", "K"), ("r", "Kh", "K")]
+    if copied:  # K and V go to the cache in RAM; the GPU then reads the layer's whole cache in
+        ev += [("f", "K"), ("f", "V"), ("s",), ("i", "Kc", b.k_view)]
+    else:
+        ev += [("n", "k_idxs"), ("n", "v_idxs"), ("f", "K"), ("f", "V"), ("u", "k_idxs"), ("u", "v_idxs")]
+    _attention(ev, b, copied, gpu)
+    if copied:
+        ev += [("s",), ("i", "Wo", b.w_o)]
+    if last:
+        ev.append(("n", "out_ids"))
+    ev += [("a", "A", b.x), ("f", "Wo"), ("f", "O")]
+    if last:
+        ev += [("a", "A2", b.x), ("f", "A"), ("a", "X2", b.x), ("f", "x"), ("u", "out_ids"), ("f", "X2"),
+               ("r", "A2", "A")]
+    else:
+        ev.append(("f", "x"))
+    ev.append(("a", "n", b.x))
+    _ffn(ev, b, how)
+    return tuple(ev)
+
+
+def _matmul(ev: list[Event], key: str, size: float, weight: float) -> None:
+    """A matrix product; a weight in RAM makes it a split of its own that copies the weight in."""
+    if weight:
+        ev += [("s",), ("i", "W", weight), ("a", key, size), ("f", "W")]
+    else:
+        ev.append(("a", key, size))
+
+
+def _attention(ev: list[Event], b: BlockGraph, copied: bool, gpu: bool) -> None:
+    if b.scores:  # KQ (softmax in place), KQV, its permuted copy
+        ev += [("n", "mask"), ("i", "Vc", b.v_view)] if copied else [("n", "mask")]
+        ev += [("a", "S", b.scores), ("f", "Kc"), ("f", "Q"), ("u", "mask"), ("a", "P", b.o), ("f", "Vc"),
+               ("f", "S"), ("a", "O", b.o), ("f", "P")]
+    else:
+        ev += [("i", "Vc", b.v_view), ("n", "mask")] if copied else [("n", "mask")]
+        ev += [("a", "O", b.o + (b.fa_f16 if gpu else 0.0)), ("f", "Q"), ("f", "Kc"), ("f", "Vc"),
+               ("u", "mask")]
+    if b.rot_v:
+        ev += [("a", "Oh", b.o), ("u", "v_rot"), ("f", "O"), ("r", "Oh", "O")]
+
+
+def _ffn(ev: list[Event], b: BlockGraph, how: int) -> None:
+    experts = b.router > 0 and how in (COPIED, EXPERTS)
+    gate_up = b.w_experts if experts else b.w_ffn if how == COPIED else 0.0
+    down = b.w_experts if experts else b.w_down if how == COPIED else 0.0
+    if b.router:  # logits (softmax in place), the chosen experts, their weights, normalised
+        _matmul(ev, "Rl", b.router, b.w_router if how == COPIED else 0.0)
+        ev += [("a", "Rs", b.router), ("a", "Rw", b.route), ("f", "Rl"), ("a", "Ra", b.route * b.x / b.down),
+               ("a", "Rn", b.route), ("f", "Rw"), ("f", "Ra")]
+    if how == EXPERTS_AWAY:  # the CPU runs the experts: their outputs come back
+        ev += [("f", "n"), ("a", "D", b.down), ("f", "Rs"), ("f", "Rn"), ("a", "M", b.x), ("f", "D"),
+               ("r", "M", "x"), ("f", "A")]
+        return
+    if how == EXPERTS_GPU0:  # the first GPU runs the experts and the residual add: the result comes back
+        ev += [("f", "n"), ("f", "Rs"), ("f", "Rn"), ("f", "A"), ("a", "x", b.x)]
+        return
+    _matmul(ev, "G", b.ffn, gate_up)
+    _matmul(ev, "U", b.ffn, gate_up)
+    ev += [("f", "n"), ("a", "S", b.ffn), ("f", "G"), ("f", "U")]
+    _matmul(ev, "D", b.down, down)
+    ev.append(("f", "S"))
+    if b.router:  # weighted in place, summed over the chosen experts into a new tensor
+        ev += [("f", "Rs"), ("f", "Rn"), ("a", "M", b.x), ("f", "D"), ("r", "M", "x")]
+    else:
+        ev.append(("r", "D", "x"))  # the residual add runs in place
+    ev.append(("f", "A"))
+
+
+@lru_cache(maxsize=256)
+def _remote_expert_events(b: BlockGraph, gpu: bool) -> tuple[Event, ...]:
+    """The experts of a block whose other ops run on another backend. Its normed input and chosen experts
+    come in; on the first GPU (op offload) each expert weight is copied in and the experts' weighted sum
+    and the residual add run there too, the result going back; on the CPU the experts' outputs go back."""
+    w = b.w_experts if gpu else 0.0
+    ev: list[Event] = [("s",), ("i", "W", w), ("i", "n", b.x), ("i", "Rs", b.route), ("a", "G", b.ffn),
+                       ("f", "W")]
+    _matmul(ev, "U", b.ffn, w)
+    ev += [("f", "n"), ("a", "S", b.ffn), ("f", "G"), ("f", "U")]
+    if gpu:
+        ev += [("s",), ("i", "W", w), ("i", "Rn", b.route), ("i", "A", b.x), ("a", "D", b.down), ("f", "W"),
+               ("f", "S"), ("f", "Rs"), ("f", "Rn"), ("a", "M", b.x), ("f", "D"), ("f", "A"), ("f", "M")]
+    else:
+        ev += [("a", "D", b.down), ("f", "S"), ("f", "Rs"), ("f", "D")]
+    return tuple(_resolve(ev, {}))
+
+
+# --- the allocator
+
+class _Arena:
+    """ggml-alloc's dynamic allocator (ggml_dyn_tallocr): a tensor takes the smallest free block below the
+    top that holds it (the later one of equals), else the top; a freed block merges with its free
+    neighbours. `peak` is the buffer size it needs."""
+
+    def __init__(self, align: int) -> None:
+        self.align = align
+        self.blocks: list[list[float]] = [[0.0, float("inf")]]  # free [offset, size], by offset
+        self.at: dict[str, tuple[float, float]] = {}
+        self.peak = 0.0
+
+    def play(self, events: Iterable[Event]) -> None:
+        """Make, free and rename tensors. One loop with everything inlined: the planner replays a few
+        hundred events for each configuration it tries."""
+        blocks, at, align, peak = self.blocks, self.at, self.align, self.peak
+        for e in events:
+            kind = e[0]
+            if kind == "a":
+                size = e[2]
+                if size <= 0:
+                    continue
+                size = -(-size // align) * align
+                best, best_size = len(blocks) - 1, float("inf")
+                for i in range(best):
+                    if size <= blocks[i][1] <= best_size:
+                        best, best_size = i, blocks[i][1]
+                block = blocks[best]
+                offset = block[0]
+                block[0] += size
+                block[1] -= size
+                if block[1] == 0:
+                    del blocks[best]
+                at[e[1]] = (offset, size)
+                if offset + size > peak:
+                    peak = offset + size
+            elif kind == "f":
+                if e[1] in at:
+                    _release(blocks, *at.pop(e[1]))
+            elif kind == "r" and e[1] in at:
+                at[e[2]] = at.pop(e[1])
+        self.peak = peak
+
+    def state(self) -> tuple[object, ...]:
+        return tuple(map(tuple, self.blocks)), tuple(sorted(self.at.items()))
+
+
+def _release(blocks: list[list[float]], offset: float, size: float) -> None:
+    """Return [offset, offset + size) to the free blocks, merged with its free neighbours."""
+    for i, block in enumerate(blocks):
+        if block[0] + block[1] == offset:
+            block[1] += size
+            if i + 1 < len(blocks) and block[0] + block[1] == blocks[i + 1][0]:
+                block[1] += blocks.pop(i + 1)[1]
+            return
+        if offset + size == block[0]:
+            block[0], block[1] = offset, block[1] + size
+            if i > 0 and blocks[i - 1][0] + blocks[i - 1][1] == offset:
+                blocks[i - 1][1] += blocks.pop(i)[1]
+            return
+    blocks.insert(next((i for i, b in enumerate(blocks) if b[0] > offset), len(blocks)), [offset, size])
+
+
+def _resolve(events: Sequence[Event], sizes: dict[str, float], held: Iterable[str] = (),
+             keep: Iterable[str] = ()) -> list[Event]:
+    """Place split inputs: a split's inputs (weight and cache copies, graph inputs not yet on this backend)
+    are allocated together when it starts, in the order its ops meet them (ggml-backend.cpp: the split
+    pass and the graph copy); a graph input is freed after its last use, unless kept."""
+    last = {e[1]: i for i, e in enumerate(events) if e[0] == "u"}
+    held, keep = set(held), set(keep)
+    out: list[Event] = []
+    start = 0
+    for i, e in enumerate(events):
+        kind = e[0]
+        if kind == "s":
+            start = len(out)
+        elif kind == "i" or (kind == "n" and e[1] not in held):
+            held.add(e[1])
+            out.insert(start, ("a", e[1], e[2] if kind == "i" else sizes[e[1]]))
+            start += 1
+        elif kind == "u":
+            if last[e[1]] == i and e[1] not in keep:
+                out.append(("f", e[1]))
+        elif kind != "n":
+            out.append(e)
+    return out
+
+
+def _replay(events: Sequence[Event], align: int) -> float:
+    """The allocator's peak over a backend's events. A run's middle blocks ("R") repeat the same tensors,
+    and the allocator soon cycles through the same layouts: once the layout at a block's start recurs,
+    whole cycles change nothing and are skipped, so a long run costs a few blocks."""
+    arena = _Arena(align)
+    seen: list[tuple[object, ...]] = []
+    run = None
+    start = 0
+    for i, e in enumerate(events):
+        if e[0] in "LR":
+            arena.play(events[start:i])
+            start = i + 1
+            if e[0] == "L":
+                if e[1] != run:
+                    run, seen = e[1], []
+                seen.append(arena.state())
+                continue
+            left = e[2]
+            while left:  # play middle blocks until a layout recurs, then only what is left of a cycle
+                now = arena.state()
+                period = next((p for p in range(1, len(seen) + 1) if seen[-p] == now), 0)
+                if period:
+                    left %= period
+                    break
+                seen.append(now)
+                arena.play(e[3])
+                left -= 1
+            for _ in range(left):
+                arena.play(e[3])
+    arena.play(events[start:])
+    return arena.peak
+
+
+@lru_cache(maxsize=2048)
+def _middle_block(b: BlockGraph, how: int, gpu: bool) -> tuple[Event, ...]:
+    """A block amid its run: every graph input already in place, none used for the last time."""
+    return tuple(_resolve(_block_events(b, how, False, gpu), {}, INPUT_NAMES, INPUT_NAMES))
+
+
+def _runs_events(runs: Sequence[Run], ends_model: bool, gpu: bool, norm_in: bool = False,
+                 norm_out: bool = False) -> list[Event]:
+    """A backend's runs: the first and last blocks of each, a repeat marker for those between.
+    `norm_in`: the first block's input norm ran on the previous GPU, so that normed input and the residual
+    stream both come in; `norm_out`: this GPU runs the input norm of the next GPU's first block."""
+    events: list[Event] = []
+    for r, (how, count, b) in enumerate(runs):
+        if how == REMOTE_EXPERTS:  # all freed within the block: one is as high as many
+            if norm_out:
+                events += [("a", "n", b.x), ("f", "n")]
+                norm_out = False
+            events += [("f", "x"), *_remote_expert_events(b, gpu)]  # the residual stream has moved on
+            continue
+        # The run's last block is replayed: graph inputs are freed there, and the model's last block keeps
+        # only the output rows; with experts copied in, the block before takes those rows' list in.
+        final = ends_model and r == len(runs) - 1
+        middle = max(count - RUN_HEAD - (2 if final and how == EXPERTS else 1), 0)
+        for i in range(count - middle):
+            if i == RUN_HEAD and middle:
+                events.append(("R", r, middle, _middle_block(b, how, gpu)))
+            last = final and i == count - middle - 1
+            block = list(_block_events(b, how, last, gpu))
+            if norm_in and r == i == 0:
+                block[0] = ("i", "n", b.x)
+                block.insert(block.index(("f", "x")), ("i", "x", b.x))
+            events += [("L", r), *block]
+    if norm_out and runs:
+        events += [("a", "n", runs[-1][2].x), ("f", "n")]
+    return events
+
+
+# --- each backend
+
+@lru_cache(maxsize=4096)
+def gpu_compute_bytes(runs: tuple[Run, ...], inputs: GraphInputs, ends_model: bool, logits: float,
+                      out_weight: float, pipeline: bool, norm_in: bool = False,
+                      norm_out: bool = False) -> float:
+    """One GPU's compute buffer. The residual stream comes in at its first split (the token embeddings, or
+    the previous GPU's output); with pipeline parallelism every split input is kept in four copies from the
+    start. `logits`: the output layer runs here (its weight copied in when in RAM: `out_weight`)."""
+    if not runs and not logits:
+        return 0.0
+    sizes = inputs.sizes()
+    held: Sequence[str] = ()
+    if pipeline:  # the copies are graph outputs too: never freed, never taken over in place
+        used = [k for k in INPUT_NAMES if runs and (k != "out_ids" or ends_model)]
+        events: list[Event] = [("a", "copies", PIPELINE_COPIES * (inputs.embd + sum(sizes[k] for k in used)))]
+        held = INPUT_NAMES
+    else:
+        events = [("s",)] if norm_in else [("s",), ("i", "x", inputs.embd)]
+    events += _runs_events(runs, ends_model, True, norm_in, norm_out)
+    if out_weight:
+        events += [("s",), ("i", "W", out_weight)]
+    if logits and pipeline and not runs:
+        events.append(("a", "x", inputs.embd))  # the output norm cannot run in place on a copy
+    events.append(("a", "logits", logits))  # the output norm runs in place on the residual stream
+    return _replay(_resolve(events, sizes, held, held), GPU_ALIGN)
+
+
+@lru_cache(maxsize=4096)
+def host_compute_bytes(runs: tuple[Run, ...], inputs: GraphInputs, gpu_work: bool, ends_model: bool,
+                       logits: float, pipeline: bool) -> float:
+    """The host's compute buffer. Graph inputs come first (four copies of each with pipeline parallelism),
+    then the token embeddings. When no GPU takes part the CPU runs the whole graph, freeing each input
+    after its last use. Otherwise the inputs stay until a GPU has copied them: at its first split, or after
+    the blocks the CPU runs; the host also takes K and V of GPU-run blocks whose cache is in RAM."""
+    sizes = inputs.sizes()
+    copies = PIPELINE_COPIES if pipeline else 1
+    events: list[Event] = [("a", "tokens", copies * inputs.tokens), ("a", "embd", copies * inputs.embd)]
+    events += [("a", k, copies * sizes[k]) for k in INPUT_NAMES]
+    events += [("a", "x", inputs.embd), ("f", "tokens")]
+    native = [r for r in runs if r[0] == NATIVE]
+    events += _runs_events(native, ends_model, False)
+    if not gpu_work:
+        events.append(("a", "logits", logits))
+        return _replay(_resolve(events, sizes, INPUT_NAMES), HOST_ALIGN)
+    events.append(("f", "x"))
+    events += [("f", k) for k in (INPUT_NAMES if native else ("pos", "k_rot", "v_rot"))]
+    for how, _, b in runs:
+        if how == STORE:  # two blocks: a GPU copies the mask for the first one's attention
+            stored = (("a", "Kc", b.k), ("a", "Vc", b.v), ("f", "Kc"), ("f", "Vc"))
+            events += [*stored, ("f", "mask"), *stored]
+    events += [("f", k) for k in INPUT_NAMES]
+    events += _runs_events([r for r in runs if r[0] == REMOTE_EXPERTS], False, False)
+    events.append(("a", "logits", logits))
+    return _replay(_resolve(events, sizes, INPUT_NAMES, INPUT_NAMES), HOST_ALIGN)
+
+
+Segment = tuple[int, int, bool, BlockGraph]  # (device, how many blocks in a row, experts in RAM, graph)
+
+
+def layer_segments(graphs: Sequence[BlockGraph], blocks: Sequence[int],
+                   experts_on_host: Sequence[bool]) -> list[Segment]:
+    """The blocks one by one, in the form `compute_buffers` takes them."""
+    return [(d, 1, experts, b) for d, experts, b in zip(blocks, experts_on_host, graphs, strict=True)]
+
+
+def compute_buffers(segments: Sequence[Segment], output: int, n_gpu: int, inputs: GraphInputs, logits: float,
+                    out_weight: float, n_ubatch: int) -> tuple[list[float], float]:
+    """Compute buffer of each GPU and of the host, for the blocks in layer order (-1: the host) and the
+    output layer on `output`. Blocks in RAM run on the first GPU when the batch is large enough, as do
+    experts kept in RAM and an output layer kept there. With several GPUs and everything on them llama.cpp
+    runs the pipeline in parallel, unless tensors are overridden (experts in RAM)."""
+    offload = n_gpu > 0 and n_ubatch >= OFFLOAD_MIN_BATCH
+    gpu_runs: list[list[list[Any]]] = [[] for _ in range(n_gpu)]
+    host_runs: list[list[Any]] = []
+    for device, count, experts, b in segments:
+        away = experts and b.router > 0
+        if device < 0 and offload:
+            _add(gpu_runs[0], COPIED, b, count)
+            _add(host_runs, STORE, b, count)
+        elif device < 0:
+            _add(host_runs, NATIVE, b, count)
+        elif away and (not offload or device > 0):  # its experts run on the CPU, or on the first GPU
+            _add(gpu_runs[device], EXPERTS_GPU0 if offload else EXPERTS_AWAY, b, count)
+            _add(gpu_runs[0] if offload else host_runs, REMOTE_EXPERTS, b, count)
         else:
-            phases.append(4.0 * u * (a.kq + att.n_ctx + a.n_ff + a.n_embd))
-    total = max(phases)
-    if layers and partial and not att.flash_attn:
-        total += 4.0 * u * att.n_ctx  # a second copy of the KQ mask at the host boundary
-    return total
+            _add(gpu_runs[device], EXPERTS if away else NATIVE, b, count)
+    devices = [device for device, count, _, _ in segments if count]
+    last_gpu = devices[-1] if devices and devices[-1] >= 0 else 0 if offload else -1
+    out_gpu = output if output >= 0 else 0 if offload else -1
+    full = output >= 0 and min(devices, default=0) >= 0
+    pipeline = n_gpu > 1 and full and not any(experts for _, count, experts, _ in segments if count)
+    norm_in, norm_out = _handoffs(devices, n_gpu, offload and not full)
+    gpus = [gpu_compute_bytes(_frozen(runs), inputs, g == last_gpu, logits if g == out_gpu else 0.0,
+                              out_weight if g == out_gpu and output < 0 else 0.0, pipeline, norm_in[g],
+                              norm_out[g]) for g, runs in enumerate(gpu_runs)]
+    host = host_compute_bytes(_frozen(host_runs), inputs, out_gpu >= 0 or any(gpu_runs), last_gpu < 0,
+                              logits if out_gpu < 0 else 0.0, pipeline)
+    return gpus, host
 
 
-def gpu_offload_bytes(host_matrices: Sequence[Matrix], att: Attention, info: ModelInfo) -> float:
-    """With a GPU backend, large-batch matrix products of weights kept in RAM run on the first GPU: it
-    copies the weight over and holds its output (why `-ngl 0` still takes ~670 MiB of VRAM on an 8B)."""
-    best = 0.0
-    for m in host_matrices:
-        best = max(best, _offload_bytes(m, att.n_ubatch, info))
-    return best
+def _add(runs: list[list[Any]], how: int, b: BlockGraph, count: int) -> None:
+    """Count blocks into their backend's runs: [how, count, merged graph, last graph merged]."""
+    if not count:
+        return
+    if runs and runs[-1][0] == how:
+        run = runs[-1]
+        run[1] += count
+        if run[3] is not b:
+            run[2], run[3] = run[2].merge(_as_run(b, how)), b
+    else:
+        runs.append([how, count, _as_run(b, how), b])
 
 
-def _offload_bytes(m: Matrix, n_ubatch: int, info: ModelInfo) -> float:
-    rows = m.rows * (info.n_expert_used or 1) if m.expert else m.rows
-    return m.nbytes + 4.0 * n_ubatch * (rows + info.n_embd)
+def _frozen(runs: list[list[Any]]) -> tuple[Run, ...]:
+    return tuple((how, count, b) for how, count, b, _ in runs)
 
 
-def host_compute_bytes(layout: ModelLayout, att: Attention, layers: Sequence[int], has_output: bool,
-                       gpu_backend: bool) -> float:
-    """The host's compute buffer. With a GPU backend the host keeps the graph inputs (the KQ mask and the
-    token embeddings) plus the activations of the layers it runs; on a CPU-only build it holds the whole
-    graph. Calibrated on llama.cpp's own dry runs on this CPU (tests/test_fit_exact.py)."""
-    a = activations(layout, att, layers)
-    return _host_compute(layout.info, att, a, bool(layers), has_output, gpu_backend)
+@lru_cache(maxsize=1024)
+def _as_run(b: BlockGraph, how: int) -> BlockGraph:
+    """The graph without the weights a run of this kind does not copy in: quantizations of one model
+    then share their replays wherever the weights stay put."""
+    if how == COPIED:
+        return b
+    experts = b.w_experts if how in (EXPERTS, REMOTE_EXPERTS) else 0.0
+    return replace(b, w_q=0.0, w_k=0.0, w_v=0.0, w_o=0.0, w_ffn=0.0, w_down=0.0, w_router=0.0,
+                   w_experts=experts)
 
 
-def _host_compute(info: ModelInfo, att: Attention, a: Activations, layers: bool, has_output: bool,
-                  gpu_backend: bool) -> float:
-    u = att.n_ubatch
-    mask = u * att.n_ctx * (2.0 if att.flash_attn else 4.0)
-    if gpu_backend:
-        inputs = mask + 8.0 * u * info.n_embd
-        if not layers and not has_output:
-            return inputs
-        return inputs + _cpu_phases(info, att, a, layers, has_output, mask=0.0)
-    return _cpu_phases(info, att, a, layers, has_output, mask=mask)
-
-
-def _cpu_phases(info: ModelInfo, att: Attention, a: Activations, layers: bool, has_output: bool,
-                mask: float) -> float:
-    u, e = att.n_ubatch, a.n_embd
-    # With a quantized V cache and flash attention the CPU graph holds one more activation-sized tensor
-    # during the output phase; llama.cpp's dry runs show it from 4096 cells on, not at 2048.
-    quantized_fa = att.flash_attn and att.quantized_v
-    extra_v = 4.0 * u * e if quantized_fa and att.n_ctx >= QUANTIZED_V_EXTRA_FROM_CTX else 0.0
-    phases = [4.0 * u * (info.n_vocab + 2 * e) + extra_v] if has_output else [0.0]
-    if layers:
-        if att.flash_attn and att.quantized_v:
-            phases += [mask + 4.0 * u * (3 * a.ffn + 3 * e), 4.0 * u * (3 * a.ffn + 4 * e)]
-        else:
-            phases.append(mask + 4.0 * u * (3 * a.ffn + 4 * e))
-        if not att.flash_attn:
-            phases.append(4.0 * u * (a.kq + att.n_ctx + a.n_ff + 2 * e))
-    return max(phases)
+def _handoffs(devices: Sequence[int], n_gpu: int, partial: bool) -> tuple[list[bool], list[bool]]:
+    """GPUs whose first block's input norm runs on the GPU before, and those GPUs: with partial offload
+    llama.cpp does not pin norms to their layer's device, and the scheduler extends the previous GPU.
+    `devices`: the device of each segment of blocks, in layer order."""
+    norm_in, norm_out = [False] * n_gpu, [False] * n_gpu
+    if partial:
+        runner = [max(d, 0) for d in devices]  # with op offload the first GPU runs the blocks in RAM
+        for i in range(1, len(devices)):
+            if devices[i] >= 0 and runner[i] != runner[i - 1]:
+                norm_in[runner[i]] = norm_out[runner[i - 1]] = True
+    return norm_in, norm_out
 
 
 def host_overhead_bytes(info: ModelInfo, att: Attention) -> float:
@@ -471,11 +946,10 @@ def memory_breakdown(model: ModelLayout | GGUFHeader, params: FitParams, gpu_fre
     return LayerTable(as_layout(model)).breakdown(params, gpu_free, cpu_repack)
 
 
-def _block_sums(block: Sequence[Matrix]) -> tuple[int, int, int, int, int | None]:
-    """Bytes of a block: all, routed experts, repackable, repackable experts; and the most rows of an
-    expert matrix (None without experts). One pass: it runs for every block of every catalog file."""
+def _block_sums(block: Sequence[Matrix]) -> tuple[int, int, int, int]:
+    """Bytes of a block: all, routed experts, repackable, repackable experts. One pass: it runs for every
+    block of every catalog file."""
     total = experts = repack = expert_repack = 0
-    expert_rows: int | None = None
     for m in block:
         total += m.nbytes
         if m.repackable:
@@ -483,8 +957,7 @@ def _block_sums(block: Sequence[Matrix]) -> tuple[int, int, int, int, int | None
         if m.expert:
             experts += m.nbytes
             expert_repack += m.nbytes if m.repackable else 0
-            expert_rows = m.rows if expert_rows is None else max(expert_rows, m.rows)
-    return total, experts, repack, expert_repack, expert_rows
+    return total, experts, repack, expert_repack
 
 
 def _prefix_sums(values: Iterable[int]) -> list[int]:
@@ -494,20 +967,13 @@ def _prefix_sums(values: Iterable[int]) -> list[int]:
 
 @dataclass(frozen=True)
 class _AttentionTable:
-    """Per-layer figures that depend on the attention settings (context, KV types, flash attention)."""
+    """Per-layer figures that depend on the run settings (context, ubatch, KV types, flash attention)."""
 
     kv: list[float]  # kv_layer_bytes
-    kq: list[int]  # cells x heads, 0 for layers without K
-    dequant: list[float]  # one layer's quantized K/V as f16
-
-
-@dataclass(frozen=True)
-class _OffloadTable:
-    """`gpu_offload_bytes` per layer, were its matrices on the host (it depends only on the ubatch)."""
-
-    blocks: list[float]
-    experts: list[float]  # the routed experts alone
-    output: float
+    graphs: list[BlockGraph]  # block_graph: the same object for layers alike
+    alike: list[int]  # where a run of blocks with the same graph starts, and n_layer
+    inputs: GraphInputs
+    output: tuple[float, float]  # output_bytes
 
 
 class LayerTable:
@@ -526,8 +992,7 @@ class LayerTable:
             _prefix_sums([s[i] for s in sums]) for i in range(4))
         self.output_weights = sum(m.nbytes for m in layout.output)
         self.output_repack = sum(m.nbytes for m in layout.output if m.repackable)
-        self.ffn = [_ffn_width_of(info, il, s[4]) for il, s in enumerate(sums)]
-        self.n_ff = [info.n_ff[il] for il in range(info.n_layer)]
+        self.shapes = [_block_shape(layout, il) for il in range(info.n_layer)]
         self.widths = [kv_widths(info, il) for il in range(info.n_layer)]
         # Layers alike for the KV cache (widths, sliding window, recurrent state) get the same figures:
         # each kind is worked out once, on its first layer. Most models have one or two kinds.
@@ -537,7 +1002,7 @@ class LayerTable:
         self.first_of_kind = {kind: il for il, kind in reversed(list(enumerate(self.kinds)))}
         self._attention: dict[tuple[object, ...], Attention] = {}
         self._tables: dict[Attention, _AttentionTable] = {}
-        self._offload_tables: dict[int, _OffloadTable] = {}
+        self._compute: dict[tuple[object, ...], tuple[list[float], float]] = {}
 
     def attention(self, params: FitParams) -> Attention:
         key = (params.n_ctx, params.n_ubatch, params.n_seq, params.kv_type_k, params.kv_type_v,
@@ -554,40 +1019,37 @@ class LayerTable:
     def _build(self, att: Attention) -> _AttentionTable:
         info = self.info
         widest = 0 if att.flash_attn else max((w_v for _, w_v in self.widths), default=0)
-        quantized_k, quantized_v = att.type_k != "f16", att.type_v != "f16"
-        cells_of = {kind: kv_cells(info, att, il) for kind, il in self.first_of_kind.items()}
         kv_of = {kind: _kv_layer_bytes(info, att, il, widest) for kind, il in self.first_of_kind.items()}
-        dequant_of = {kind: c * (kind[0][0] * quantized_k + kind[0][1] * quantized_v) * 2.0
-                      for kind, c in cells_of.items()}
+        graphs: dict[tuple[object, ...], BlockGraph] = {}
+        for il, kind in enumerate(self.kinds):  # layers alike (KV kind, heads, block shape) share one graph
+            key = (kind, info.n_head[il], self.shapes[il])
+            if key not in graphs:
+                graphs[key] = _graph(info, att, il, self.shapes[il])
+        per_layer = [graphs[kind, info.n_head[il], self.shapes[il]] for il, kind in enumerate(self.kinds)]
+        alike = [0] + [il for il in range(1, info.n_layer) if per_layer[il] is not per_layer[il - 1]]
         return _AttentionTable(
             kv=[kv_of[kind] for kind in self.kinds],
-            kq=[cells_of[kind] * info.n_head[il] if kind[0][0] else 0 for il, kind in enumerate(self.kinds)],
-            dequant=[dequant_of[kind] for kind in self.kinds],
+            graphs=per_layer,
+            alike=[*alike, info.n_layer] if info.n_layer else [0],
+            inputs=graph_inputs(info, att),
+            output=output_bytes(self.layout, att),
         )
 
-    def offload_table(self, att: Attention) -> _OffloadTable:
-        u = att.n_ubatch
-        if u not in self._offload_tables:
-            per_block = [self._block_offload(self.layout.blocks[il], u) for il in range(self.info.n_layer)]
-            self._offload_tables[u] = _OffloadTable([b[0] for b in per_block], [b[1] for b in per_block],
-                                                    self._block_offload(self.layout.output, u)[0])
-        return self._offload_tables[u]
-
-    def _block_offload(self, block: Sequence[Matrix], n_ubatch: int) -> tuple[float, float]:
-        """`gpu_offload_bytes` of the block's matrices and of its routed experts alone (rows > 1 only,
-        like the host matrices it is given)."""
-        best = best_expert = 0.0
-        for m in block:
-            if m.rows > 1:
-                value = _offload_bytes(m, n_ubatch, self.info)
-                best = max(best, value)
-                best_expert = max(best_expert, value) if m.expert else best_expert
-        return best, best_expert
-
-    def activations(self, t: _AttentionTable, a: int, b: int) -> Activations:
-        """`activations` of blocks [a, b)."""
-        return Activations(self.info.n_embd, max(self.ffn[a:b], default=0), max(self.n_ff[a:b], default=0),
-                           max(t.kq[a:b], default=0), max(t.dequant[a:b], default=0.0))
+    def compute(self, att: Attention, t: _AttentionTable, spans: _Spans, n_cpu_moe: int,
+                n_gpu: int) -> tuple[list[float], float]:
+        """`compute_buffers` for blocks placed as `spans` say."""
+        key = (att, spans, n_cpu_moe, n_gpu)
+        if key not in self._compute:
+            host_end, ranges, output = spans
+            cuts = [(0, -1), (host_end, -1)] + [(a, g) for g, (a, b) in enumerate(ranges) if b > a]
+            cuts = sorted({*cuts, *((il, -2) for il in (*t.alike, n_cpu_moe))})  # -2: no change of device
+            segments, device = [], -1
+            for (a, d), (b, _) in pairwise(cuts):
+                device = device if d == -2 else d
+                if a < b <= self.info.n_layer:
+                    segments.append((device, b - a, a < n_cpu_moe, t.graphs[a]))
+            self._compute[key] = compute_buffers(segments, output, n_gpu, t.inputs, *t.output, att.n_ubatch)
+        return self._compute[key]
 
     def breakdown(self, params: FitParams, gpu_free: Sequence[float], cpu_repack: bool) -> Breakdown:
         info = self.info
@@ -598,42 +1060,28 @@ class LayerTable:
             n_cpu_moe = 0
         spans = _spans(info.n_layer, ngl, tuple(gpu_free))
         t = self.for_attention(att)
-        gpus = [self._gpu_memory(att, t, spans, g, n_cpu_moe) for g in range(len(gpu_free))]
-        host = self._host_memory(att, t, spans, n_cpu_moe, bool(gpu_free), cpu_repack)
+        gpu_compute, host_compute = self.compute(att, t, spans, n_cpu_moe, len(gpu_free))
+        gpus = [self._gpu_memory(t, spans, g, n_cpu_moe, gpu_compute[g]) for g in range(len(gpu_free))]
+        host = self._host_memory(att, t, spans, n_cpu_moe, cpu_repack, host_compute)
         ngl = 0 if not gpu_free else max(0, min(ngl, info.n_layer + 1))
         return Breakdown(att.n_ctx, att.n_ubatch, ngl, info.n_layer, att.type_k, att.type_v, att.flash_attn,
                          n_cpu_moe, gpus, host)
 
-    def _gpu_memory(self, att: Attention, t: _AttentionTable, spans: _Spans, g: int,
-                    n_cpu_moe: int) -> DeviceMemory:
+    def _gpu_memory(self, t: _AttentionTable, spans: _Spans, g: int, n_cpu_moe: int,
+                    compute: float) -> DeviceMemory:
         info, layout = self.info, self.layout
-        host_end, ranges, output = spans
+        _, ranges, output = spans
         a, b = ranges[g]
         moe = min(max(n_cpu_moe, a), b)  # blocks [a, moe) keep their routed experts in RAM
         weights = self.weights[b] - self.weights[a] - (self.expert_weights[moe] - self.expert_weights[a])
-        has_output = output == g
-        if has_output:
+        if output == g:
             weights += self.output_weights
             weights += layout.token_embd if info.tied_output else 0  # tied output: a copy of the embedding
         kv = sum(t.kv[a:b])
-        partial = b - a != info.n_layer or (n_cpu_moe > 0 and info.n_layer > 0)
-        compute = _gpu_compute(info, att, self.activations(t, a, b), b > a, has_output, partial)
-        if g == 0:
-            compute = max(compute, self._offload(att, host_end, output, n_cpu_moe))
         return DeviceMemory(f"GPU{g}", mib(weights), mib(kv), mib(compute), float(CUDA_CONTEXT_MIB))
 
-    def _offload(self, att: Attention, host_end: int, output: int, n_cpu_moe: int) -> float:
-        """`gpu_offload_bytes` of the matrices on the host: all of blocks [0, host_end), the experts of
-        the offloaded blocks under n_cpu_moe, the output layer when it stays on the host."""
-        moe = min(max(n_cpu_moe, host_end), self.info.n_layer)
-        if host_end == 0 and moe == 0 and output >= 0:
-            return 0.0  # everything on the GPUs
-        t = self.offload_table(att)
-        best = max(0.0, max(t.blocks[:host_end], default=0.0), max(t.experts[host_end:moe], default=0.0))
-        return max(best, t.output) if output < 0 else best
-
     def _host_memory(self, att: Attention, t: _AttentionTable, spans: _Spans, n_cpu_moe: int,
-                     gpu_backend: bool, cpu_repack: bool) -> HostMemory:
+                     cpu_repack: bool, compute: float) -> HostMemory:
         info, layout = self.info, self.layout
         host_end, _, output = spans
         moe = min(max(n_cpu_moe, host_end), info.n_layer)  # offloaded blocks whose experts stay here
@@ -648,8 +1096,6 @@ class LayerTable:
         # The embedding is read a row per token, unless it doubles as the output matrix here.
         sparse = 0 if (info.tied_output and has_output) else layout.token_embd
         kv = sum(t.kv[:host_end])
-        a = self.activations(t, 0, host_end)
-        compute = _host_compute(info, att, a, host_end > 0, has_output, gpu_backend)
         overhead = host_overhead_bytes(info, att)
         resident = weights - sparse + kv + compute + overhead  # repacked copies replace their file pages
         return HostMemory("host", mib(weights), mib(kv), mib(compute), mib(overhead), repack_mib=mib(repack),
@@ -692,6 +1138,9 @@ class Budget:
     cpu_repack: bool
     gpus: list[GPUInfo] = field(default_factory=list)
     gpu_overhead: list[float] = field(default_factory=list)  # per GPU: what llama.cpp uses beyond buffers
+    # The last device (llama.cpp gives it the output layer) is on another machine: the output layer stays
+    # here, so the logits (n_vocab floats a token) never cross the network.
+    output_stays_local: bool = False
 
     def fits(self, bd: Breakdown) -> bool:
         if bd.gpus and len(bd.gpus) != len(self.gpu_usable):
@@ -706,7 +1155,19 @@ def budget_for(report: HardwareReport, extra_host_mib: float = 0.0) -> Budget:
     ram_margin = max(RAM_MARGIN_MIN_MIB, RAM_MARGIN_FRACTION * report.ram_total_mib)
     ram_usable = report.ram_available_mib - ram_margin - extra_host_mib
     return Budget([float(g.free_mib) for g in gpus], usable, ram_usable,
-                  report.cpu.avx2, list(gpus), [gpu_overhead_mib(g) for g in gpus])
+                  report.cpu.avx2, list(gpus), [gpu_overhead_mib(g) for g in gpus],
+                  output_stays_local=bool(gpus) and is_remote(gpus[-1]))
+
+
+def is_remote(gpu: GPUInfo) -> bool:
+    """A device on another machine: reached over RPC at an address that is not this machine's loopback."""
+    if not gpu.rpc_endpoint:
+        return False
+    host = gpu.rpc_endpoint.rpartition(":")[0].strip("[]")
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host != "localhost"
 
 
 def device_margin_mib(gpu: GPUInfo) -> float:
@@ -832,7 +1293,7 @@ def _choose_gpu(table: LayerTable, params: FitParams, budget: Budget) -> tuple[V
     for kv_k, kv_v in _kv_choices(params):
         full = _breakdown(table, replace(params, kv_type_k=kv_k, kv_type_v=kv_v), budget)
         if budget.fits(full):
-            return "full_gpu", full
+            return _verdict_of(full), full
     kv_k = params.kv_type_k or "f16"
     base = replace(params, kv_type_k=kv_k, kv_type_v=params.kv_type_v or kv_k)
     if table.info.is_moe:
@@ -854,6 +1315,9 @@ def _kv_choices(params: FitParams) -> list[tuple[str, str]]:
 
 
 def _breakdown(table: LayerTable, params: FitParams, budget: Budget) -> Breakdown:
+    n_layer = table.info.n_layer
+    if budget.output_stays_local and (params.gpu_layers is None or params.gpu_layers > n_layer):
+        params = replace(params, gpu_layers=n_layer)
     bd = table.breakdown(params, budget.gpu_free, budget.cpu_repack)
     for device, overhead in zip(bd.gpus, budget.gpu_overhead, strict=False):
         device.overhead_mib = overhead

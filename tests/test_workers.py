@@ -20,8 +20,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from bridge import fit
 from bridge.engine.client import Engine
 from bridge.engine.types import GenerationRequest, GenerationResult, LoadSpec, SamplingParams, TokenChunk
+from bridge.gguf import read_file
 from bridge.workers.info import INFO_PATH, info_port
 from tests.fixtures.rpc import Worker, lent_for_split, start_worker
 from tests.fixtures.server import REPO, BridgeServer, free_port, start_server
@@ -192,3 +194,22 @@ def test_hardware_and_fit_count_a_worker(two_workers: list[Worker], tiny_model: 
     gone = subprocess.run([*run, "hardware", "--json", "--worker", "127.0.0.1:1"], cwd=REPO,
                           capture_output=True, text=True, timeout=120, check=True)
     assert json.loads(gone.stdout)["gpus"] == [] and "does not answer" in gone.stderr
+
+
+def test_the_output_layer_stays_on_this_machine_when_the_last_device_is_remote(tiny_model: Path) -> None:
+    """llama.cpp gives the output layer to the last device; across a network that would send the logits
+    (n_vocab floats) over it every token, so the plan keeps the output layer here."""
+    from bridge.hardware import CPUInfo, GPUInfo, HardwareReport
+
+    def machine(endpoint: str) -> HardwareReport:
+        worker = GPUInfo(index=0, name="RTX 3060 on " + endpoint, total_mib=12288, free_mib=12000,
+                         used_mib=288,
+                         device="RPC0", rpc_endpoint=endpoint)
+        return HardwareReport(cpu=CPUInfo("cpu", 8, 16, True, False), ram_total_mib=32000,
+                              ram_available_mib=20000, swap_total_mib=0, swap_free_mib=0, gpus=[worker])
+
+    n_layer = fit.ModelLayout.from_header(read_file(tiny_model)).info.n_layer
+    remote = fit.plan(read_file(tiny_model), machine("192.168.1.20:50052"), fit.FitParams(n_ctx=CTX))
+    assert remote.placement().layers == [n_layer] and remote.verdict == "partial_gpu"
+    here = fit.plan(read_file(tiny_model), machine("127.0.0.1:50052"), fit.FitParams(n_ctx=CTX))
+    assert here.placement().layers == [n_layer + 1] and here.verdict == "full_gpu"
