@@ -1,9 +1,10 @@
 """The memory planner: how much memory a GGUF model needs on each device, and where it should run.
 
 Pure functions over the GGUF tensor table, `ModelInfo`, a `HardwareReport` and the run settings. It
-replicates llama.cpp's allocation rules where they are deterministic (weights placement, KV cache
-sizes) and models the compute buffers with formulas calibrated against llama.cpp's own dry runs
-(see the reference table in tests/test_fit_calibration.py). Nothing is loaded and no GPU is needed.
+replicates llama.cpp's allocation rules: weights placement, KV cache sizes, and the compute buffers, by
+replaying llama.cpp's graph allocator and backend scheduler over the tensors of its transformer block
+(checked against llama.cpp's own plans in tests/test_fit_calibration*.py and its dry runs on this CPU in
+tests/test_fit_exact.py). Nothing is loaded and no GPU is needed.
 
 Layout of this module, top to bottom:
   1. settings (`FitParams`) and the model's per-layer byte table (`ModelLayout`);
@@ -332,6 +333,7 @@ class BlockGraph:
     down: float = 0.0  # FFN output: x, or one per chosen expert
     router: float = 0.0  # MoE: expert logits, and the experts sorted by them
     route: float = 0.0  # MoE: the chosen experts' weights
+    shared: float = 0.0  # MoE: the shared experts' gate, up and their product (a dense FFN beside them)
     rot_k: bool = False  # quantized K: Q and K are rotated (Hadamard) before attention
     rot_v: bool = False  # quantized V: V, and the attention output back
     w_q: float = 0.0
@@ -395,7 +397,8 @@ def _graph(info: ModelInfo, att: Attention, il: int, shape: _BlockShape) -> Bloc
         _view_bytes(att.type_k, cells, w_k, info.head_dim_k),
         _view_bytes(att.type_v, cells, w_v, info.head_dim_v),
         u * shape.ffn, u * info.n_embd * used, u * info.n_expert if shape.moe else 0.0,
-        u * used if shape.moe else 0.0, bool(w_k) and quantized_k and info.head_dim_k % 64 == 0,
+        u * used if shape.moe else 0.0, u * info.n_ff_expert * info.n_expert_shared if shape.moe else 0.0,
+        bool(w_k) and quantized_k and info.head_dim_k % 64 == 0,
         bool(w_v) and quantized_v and info.head_dim_v % 64 == 0, *shape.weights)
 
 
@@ -545,11 +548,20 @@ def _ffn(ev: list[Event], b: BlockGraph, how: int) -> None:
         return
     _matmul(ev, "G", b.ffn, gate_up)
     _matmul(ev, "U", b.ffn, gate_up)
-    ev += [("f", "n"), ("a", "S", b.ffn), ("f", "G"), ("f", "U")]
+    ev += [("a", "S", b.ffn)] if b.shared else [("f", "n"), ("a", "S", b.ffn)]
+    ev += [("f", "G"), ("f", "U")]
     _matmul(ev, "D", b.down, down)
     ev.append(("f", "S"))
     if b.router:  # weighted in place, summed over the chosen experts into a new tensor
-        ev += [("f", "Rs"), ("f", "Rn"), ("a", "M", b.x), ("f", "D"), ("r", "M", "x")]
+        ev += [("f", "Rs"), ("f", "Rn"), ("a", "M", b.x), ("f", "D")]
+        if b.shared:  # then the shared experts, a dense FFN on the same input, added in place
+            weight = b.w_ffn if how == COPIED else 0.0
+            _matmul(ev, "G", b.shared, weight)
+            _matmul(ev, "U", b.shared, weight)
+            ev += [("f", "n"), ("a", "S", b.shared), ("f", "G"), ("f", "U")]
+            _matmul(ev, "D", b.x, b.w_down if how == COPIED else 0.0)
+            ev += [("f", "S"), ("f", "D")]
+        ev.append(("r", "M", "x"))
     else:
         ev.append(("r", "D", "x"))  # the residual add runs in place
     ev.append(("f", "A"))

@@ -100,7 +100,10 @@ def test_flash_attention_off_grows_compute_with_context(layouts) -> None:
         bd = memory_breakdown(layouts("mistral-7b"), FitParams(n_ctx=ctx, flash_attn=fa), [81000])
         return bd.gpus[0].compute_mib
 
-    assert compute(32768, "on") == compute(8192, "on")
+    # With flash attention only the f16 KQ mask grows with the context (fit-reference 9: Mixtral's GPU
+    # compute 196, 208, 224 MiB at 4k, 16k, 32k); without it the KQ scores do.
+    mask_growth = (32768 - 8192) * 512 * 2 / 2**20
+    assert compute(32768, "on") - compute(8192, "on") == pytest.approx(mask_growth, abs=1)
     assert compute(32768, "off") > 3 * compute(8192, "off")
 
 

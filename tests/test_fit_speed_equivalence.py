@@ -2,7 +2,7 @@
 
 `fit.LayerTable` works each layout's figures out once so the planner's searches are cheap (issue 5). Here
 every breakdown it gives is compared, to the last bit, with the rules applied layer by layer as written in
-section 3 of bridge/fit.py (`place`, `kv_layer_bytes`, `activations`, the compute buffers), over real
+section 3 of bridge/fit.py (`place`, `kv_layer_bytes`, `block_graph`, the compute buffers), over real
 architectures (dense, MoE, split experts, sliding window, MLA, Mamba) and a spread of settings; then whole
 plans and a whole recommendation with the reference in place of the tables.
 """
@@ -35,8 +35,13 @@ def reference_breakdown(layout: ModelLayout, params: FitParams, gpu_free: Sequen
     if not info.is_moe:
         n_cpu_moe = 0
     where = fit.place(info.n_layer, ngl, gpu_free, n_cpu_moe)
-    gpus = [_gpu_memory(layout, att, where, g) for g in range(len(gpu_free))]
-    host = _host_memory(layout, att, where, bool(gpu_free), cpu_repack)
+    graphs = [fit.block_graph(layout, att, il) for il in range(info.n_layer)]
+    segments = fit.layer_segments(graphs, where.blocks, where.experts_on_host)
+    inputs, (logits, out_weight) = fit.graph_inputs(info, att), fit.output_bytes(layout, att)
+    gpu_compute, host_compute = fit.compute_buffers(segments, where.output, len(gpu_free), inputs, logits,
+                                                    out_weight, att.n_ubatch)
+    gpus = [_gpu_memory(layout, att, where, g, gpu_compute[g]) for g in range(len(gpu_free))]
+    host = _host_memory(layout, att, where, cpu_repack, host_compute)
     ngl = 0 if not gpu_free else max(0, min(ngl, info.n_layer + 1))
     return fit.Breakdown(att.n_ctx, att.n_ubatch, ngl, info.n_layer, att.type_k, att.type_v, att.flash_attn,
                          n_cpu_moe, gpus, host)
@@ -48,7 +53,8 @@ def _on_host(layout: ModelLayout, where: fit.Placement) -> list[Matrix]:
     return found + layout.output if where.output < 0 else found
 
 
-def _gpu_memory(layout: ModelLayout, att: fit.Attention, where: fit.Placement, g: int) -> fit.DeviceMemory:
+def _gpu_memory(layout: ModelLayout, att: fit.Attention, where: fit.Placement, g: int,
+                compute: float) -> fit.DeviceMemory:
     info = layout.info
     layers = [il for il, d in enumerate(where.blocks) if d == g]
     has_output = where.output == g
@@ -58,17 +64,12 @@ def _gpu_memory(layout: ModelLayout, att: fit.Attention, where: fit.Placement, g
         weights += sum(m.nbytes for m in layout.output)
         weights += layout.token_embd if info.tied_output else 0
     kv = sum(fit.kv_layer_bytes(info, att, il) for il in layers)
-    partial = any(d != g for d in where.blocks) or any(where.experts_on_host)
-    compute = fit.gpu_compute_bytes(layout, att, layers, has_output, partial)
-    if g == 0:
-        host = [m for m in _on_host(layout, where) if m.rows > 1]
-        compute = max(compute, fit.gpu_offload_bytes(host, att, info))
     return fit.DeviceMemory(f"GPU{g}", fit.mib(weights), fit.mib(kv), fit.mib(compute),
                             float(fit.CUDA_CONTEXT_MIB))
 
 
-def _host_memory(layout: ModelLayout, att: fit.Attention, where: fit.Placement, gpu_backend: bool,
-                 cpu_repack: bool) -> fit.HostMemory:
+def _host_memory(layout: ModelLayout, att: fit.Attention, where: fit.Placement, cpu_repack: bool,
+                 compute: float) -> fit.HostMemory:
     info = layout.info
     layers = [il for il, d in enumerate(where.blocks) if d < 0]
     has_output = where.output < 0
@@ -77,7 +78,6 @@ def _host_memory(layout: ModelLayout, att: fit.Attention, where: fit.Placement, 
     repack = sum(m.nbytes for m in matrices if m.repackable) if cpu_repack else 0
     sparse = 0 if (info.tied_output and has_output) else layout.token_embd
     kv = sum(fit.kv_layer_bytes(info, att, il) for il in layers)
-    compute = fit.host_compute_bytes(layout, att, layers, has_output, gpu_backend)
     overhead = fit.host_overhead_bytes(info, att)
     resident = weights - sparse + kv + compute + overhead
     return fit.HostMemory("host", fit.mib(weights), fit.mib(kv), fit.mib(compute), fit.mib(overhead),
