@@ -30,7 +30,6 @@ export class Controller {
         this.status = null; // the last GET /status (or `status` event)
         this.hardware = null;
         this.models = []; // local models, GET /models
-        this.modelsDir = '';
         this.quants = []; // the loaded model's quants: {id, quant, verdict, local, repo, file, size_bytes}
         this.quantsUnknown = new Set(); // models whose repository the bridge does not know
         this.loadProgress = null; // {model, fraction} while a model loads
@@ -197,12 +196,28 @@ export class Controller {
      * @param {string} model
      * @param {number} [ctx]
      */
-    async load(model, ctx) {
+    load(model, ctx) {
+        return this.sendLoad(ctx ? { model, ctx } : { model }, model);
+    }
+
+    /**
+     * The loaded file again with another context. The bridge knows which file is loaded; its id would not
+     * do, as a file served from outside the models folder (`serve --model /elsewhere/x.gguf`) has none.
+     * @param {number} ctx
+     */
+    changeContext(ctx) {
+        return this.sendLoad({ ctx }, this.status?.model ?? '');
+    }
+
+    /**
+     * @param {{model?: string, ctx?: number}} body POST /load
+     * @param {string} model what the panel shows as loading meanwhile
+     */
+    async sendLoad(body, model) {
         this.lastError = '';
         this.loadProgress = { model, fraction: 0 };
         this.emit('status');
         try {
-            const body = ctx ? { model, ctx } : { model };
             return await this.client.load(body);
         } catch (error) {
             this.lastError = error.message;
@@ -244,7 +259,6 @@ export class Controller {
         try {
             const answer = await this.client.models();
             this.models = answer?.models ?? [];
-            this.modelsDir = answer?.models_dir ?? '';
         } catch (error) {
             console.warn('[st-bridge] models:', error.message);
         }
@@ -317,15 +331,13 @@ export class Controller {
     }
 
     /**
-     * The id of the local model stored at `path` (a downloaded file), or '' while the bridge has not
-     * listed it yet. Ids are paths inside the models folder without `.gguf`.
-     * @param {string} path
+     * The local model a finished download became (the id the bridge gave it: a split model's id has no
+     * shard part), or '' while the bridge does not list it yet.
+     * @param {{model_id?: string}} download
      */
-    localModelAt(path) {
-        const root = `${this.modelsDir.replace(/\/+$/, '')}/`;
-        if (!path || !path.startsWith(root)) return '';
-        const id = path.slice(root.length).replace(/\.gguf$/i, '');
-        return this.models.some((m) => m.id === id) ? id : '';
+    localModelOf(download) {
+        const id = download?.model_id ?? '';
+        return id && this.models.some((m) => m.id === id) ? id : '';
     }
 }
 

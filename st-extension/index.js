@@ -10,6 +10,7 @@ import { registerSlashCommands } from './slash.js';
 
 const TEMPLATE_URL = new URL('settings.html', import.meta.url).href;
 
+/** @returns {Promise<Controller>} */
 async function init() {
     const settings = loadSettings();
     const controller = new Controller(settings);
@@ -17,10 +18,16 @@ async function init() {
     wirePanel(controller);
     await registerSlashCommands(controller);
     controller.start();
-    // For debugging from the browser console, and for the end-to-end tests.
-    globalThis.stBridge = controller;
+    return controller;
 }
 
-jQuery(() => {
-    init().catch((error) => console.error('[st-bridge] failed to start', error));
+/**
+ * The running controller, once SillyTavern's page is ready. Nothing is put on `window`: the browser
+ * console and the end-to-end tests reach it with `(await import(<this module's URL>)).started`.
+ * @type {Promise<Controller>}
+ */
+export const started = new Promise((resolve) => {
+    jQuery(() => {
+        init().then(resolve, (error) => console.error('[st-bridge] failed to start', error));
+    });
 });

@@ -88,7 +88,7 @@ function renderActions(controller, item) {
         return actions;
     }
     if (download?.state === 'failed') actions.append($('<span class="st-bridge-error"></span>').text(download.error ?? 'failed'));
-    const localId = item.localId || (download?.state === 'done' ? controller.localModelAt(download.path) : '');
+    const localId = item.localId || (download?.state === 'done' ? controller.localModelOf(download) : '');
     if (localId) {
         actions.append($('<div class="menu_button st-bridge-load">Load</div>').attr('data-model', localId));
     } else if (item.repo && item.file) {

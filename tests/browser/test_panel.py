@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shutil
+from typing import Any
 
 import pytest
 
@@ -72,3 +74,38 @@ def test_recommend_lists_ranked_models_with_fit_badges_reasons_and_speed(stage: 
 
 VERDICT_LABELS = {"full_gpu": "Full GPU", "partial_gpu": "Partial GPU", "cpu_only": "CPU only",
                   "wont_fit": "Won't fit"}
+
+
+def test_the_context_of_a_model_from_outside_the_models_folder_changes_from_the_panel(stage: Stage,
+                                                                                      tmp_path) -> None:
+    """`serve --model /elsewhere/x.gguf`: no id names that file, yet Apply reloads it with the new context."""
+    page = stage.browser
+    elsewhere = tmp_path / "elsewhere" / "tiny-elsewhere-Q8_0.gguf"
+    elsewhere.parent.mkdir()
+    shutil.copyfile(stage.bridge.models_dir / "tiny-llama-Q8_0.gguf", elsewhere)
+    not_found: list[str] = []
+
+    def on_response(response: Any) -> None:
+        if response.status == 404:
+            not_found.append(response.url)
+
+    page.page.on("response", on_response)
+    try:
+        stage.restart_bridge("--model", str(elsewhere))
+        wait_bridge_state(stage, "ready", timeout_s=60)
+        page.wait_js("() => $('#st_bridge_model_name').text() === 'tiny-elsewhere-Q8_0'")
+        show_panel(stage)
+        page.page.select_option("#st_bridge_ctx", "2048")
+        page.page.click("#st_bridge_apply_ctx")
+        page.wait_js("() => /^Q8_0 · 2k context/.test($('#st_bridge_model_details').text())", 60)
+        status = stage.bridge.status()
+        assert (status["n_ctx"], status["model_path"]) == (2048, str(elsewhere))
+        assert not page.page.locator("#toast-container .toast-error").count()
+    finally:
+        page.page.remove_listener("response", on_response)
+        stage.restart_bridge()  # the stage's own model again
+        wait_bridge_state(stage, "ready", timeout_s=60)
+    # The one 404 expected: no catalog repository holds that file, so the bridge knows no other quants of it
+    # (the panel asks once, and Chromium logs the answer as a console error).
+    assert {url.rsplit("/bridge/v1/", 1)[-1] for url in not_found} <= {"models/tiny-elsewhere-Q8_0/quants"}
+    stage.browser.console_errors[:] = [e for e in stage.browser.console_errors if "status of 404" not in e]

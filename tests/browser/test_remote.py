@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -29,6 +30,7 @@ pytestmark = pytest.mark.browser
 DOCKER_HOST = "host.docker.internal"
 API_KEY = "remote-test-key-7f3a"
 REMOTE_MODEL = "tiny-llama-Q6_K"  # no other browser test loads this quant, so ST's switch to it shows
+DISCOVERED = "bartowski/tiny-llama-GGUF"  # a trusted uploader's repository, found by a catalog refresh
 
 
 class DockerNetwork:
@@ -177,10 +179,27 @@ def test_the_panel_follows_catalog_and_model_folder_changes(stage: Stage) -> Non
         page.page.click("#st_bridge_recommend")
         page.page.wait_for_selector("#st_bridge_recommendations .st-bridge-candidate")
 
-    # A catalog refresh (only a Hub can trigger one) re-ranks the open list.
-    recommend = stage.bridge.url + "/bridge/v1/recommend"
-    with page.page.expect_request(lambda r: r.url.startswith(recommend), timeout=10000):
-        page.js("() => window.stBridge.onEvent('catalog_updated', {origin: 'hub', discovered: []})")
+    # A real catalog refresh re-ranks the open list: the bridge restarts with a day-old catalog and refreshes
+    # it from the stage's Hub, which holds its answer until the panel is back and shows its list, and which
+    # now offers a repository of a trusted uploader: the refresh discovers it and announces it.
+    quant_file = "tiny-llama-Q4_K_M.gguf"
+    stage.hub.add_file(DISCOVERED, quant_file, stage.bridge.models_dir / quant_file)
+    stage.hub.hold_listings = threading.Event()
+    try:
+        stage.restart_bridge(stale_catalog=True)
+        wait_bridge_state(stage, "ready", timeout_s=60)
+        page.wait_js("() => window.stBridge.linkUp && window.stBridge.candidates.length")
+        recommend = stage.bridge.url + "/bridge/v1/recommend"
+        with page.page.expect_request(lambda r: r.url.startswith(recommend), timeout=60000):
+            stage.hub.hold_listings.set()  # the refresh goes on, finds the new repository, announces it
+        repos = [m["repo"] for m in stage.bridge.get_json("/bridge/v1/catalog")["models"]]
+        assert DISCOVERED in repos, repos
+    finally:
+        stage.hub.hold_listings.set()
+        stage.hub.hold_listings = None
+        stage.hub.repos.pop(DISCOVERED, None)
+        stage.restart_bridge()  # with the stage's own catalog again, for the tests after this one
+        wait_bridge_state(stage, "ready", timeout_s=60)
     page.page.wait_for_selector("#st_bridge_recommendations .st-bridge-candidate")
 
     # A file dropped into the models folder reaches the panel through the bridge's own event.
