@@ -31,6 +31,10 @@ N_UBATCH = 512
 PROMPT_TOKENS = 480  # nearly one full ubatch: the compute buffer is used to its reserved size
 IN_USE_PROBE_TOKENS = 128
 MADV_PAGEOUT = 21  # a later chat turn: a short prompt and a generated token
+# The README's figures. Measured here: +5.1% for the ~1B model; -7.4% to +3.9% for the tiny quants, of
+# about 13 MiB, where a few hundred KiB of llama.cpp's own tables weigh more.
+ONE_B_REL = 0.06
+TINY_REL = 0.09
 
 
 def _status_mib(field: str) -> float:
@@ -126,20 +130,20 @@ def _planned_host_mib(path: Path) -> float:
     return memory_breakdown(layout, params, (), cpu_repack=cpu_info().avx2).host.resident_mib
 
 
-def _check(path: Path, scratch: Path) -> None:
+def _check(path: Path, scratch: Path, rel: float) -> None:
     planned = _planned_host_mib(path)
     measured = _measure_in_child(path, scratch)
-    assert planned == pytest.approx(measured["resident"], rel=0.10), (planned, measured)
+    assert planned == pytest.approx(measured["resident"], rel=rel), (planned, measured)
 
 
 @pytest.mark.parametrize("quant", ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M"])
 def test_host_figure_matches_a_real_load_of_the_tiny_model(tiny_models: dict[str, Path], quant: str,
                                                            tmp_path: Path) -> None:
-    _check(tiny_models[quant], tmp_path)
+    _check(tiny_models[quant], tmp_path, TINY_REL)
 
 
 def test_host_figure_matches_a_real_load_of_a_1b_model(model_1b: Path, tmp_path: Path) -> None:
-    _check(model_1b, tmp_path)
+    _check(model_1b, tmp_path, ONE_B_REL)
 
 
 def test_repacked_file_pages_are_not_counted_as_needed(model_1b: Path) -> None:
