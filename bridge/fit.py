@@ -1153,22 +1153,40 @@ class Budget:
     # The last device (llama.cpp gives it the output layer) is on another machine: the output layer stays
     # here, so the logits (n_vocab floats a token) never cross the network.
     output_stays_local: bool = False
+    # Per GPU: its memory is the RAM (Apple silicon, an integrated GPU). What it holds comes out of
+    # `ram_usable` too, and its `gpu_usable` is already capped by the RAM budget.
+    unified: list[bool] = field(default_factory=list)
 
     def fits(self, bd: Breakdown) -> bool:
         if bd.gpus and len(bd.gpus) != len(self.gpu_usable):
             return False
         gpus_ok = all(d.total_mib <= cap for d, cap in zip(bd.gpus, self.gpu_usable, strict=False))
-        return gpus_ok and bd.host.total_mib <= self.ram_usable
+        return gpus_ok and self.ram_need(bd) <= self.ram_usable
+
+    def ram_need(self, bd: Breakdown) -> float:
+        """RAM a configuration takes: the host's share, plus what unified-memory GPUs hold (counted once:
+        the host's share never includes what is placed on a GPU)."""
+        shared = sum(d.total_mib for d, u in zip(bd.gpus, self.unified, strict=False) if u)
+        return bd.host.total_mib + shared
 
 
 def budget_for(report: HardwareReport, extra_host_mib: float = 0.0) -> Budget:
     gpus = report.usable_gpus
-    usable = [g.free_mib - device_margin_mib(g) for g in gpus]
     ram_margin = max(RAM_MARGIN_MIN_MIB, RAM_MARGIN_FRACTION * report.ram_total_mib)
     ram_usable = report.ram_available_mib - ram_margin - extra_host_mib
+    usable = [gpu_usable_mib(g, ram_usable) for g in gpus]
     return Budget([float(g.free_mib) for g in gpus], usable, ram_usable,
                   report.cpu.avx2, list(gpus), [gpu_overhead_mib(g) for g in gpus],
-                  output_stays_local=bool(gpus) and is_remote(gpus[-1]))
+                  output_stays_local=bool(gpus) and is_remote(gpus[-1]),
+                  unified=[g.unified for g in gpus])
+
+
+def gpu_usable_mib(gpu: GPUInfo, ram_usable: float) -> float:
+    """A GPU's free memory less its margin. A unified-memory GPU's free figure is a ceiling (Metal: the
+    working-set limit it recommends, about two thirds to three quarters of the RAM), not memory set aside
+    for it: it gets no more than the RAM budget either."""
+    own = gpu.free_mib - device_margin_mib(gpu)
+    return min(own, ram_usable) if gpu.unified else own
 
 
 def is_remote(gpu: GPUInfo) -> bool:
@@ -1193,10 +1211,12 @@ def device_margin_mib(gpu: GPUInfo) -> float:
 def gpu_overhead_mib(gpu: GPUInfo) -> float:
     """Memory llama.cpp takes on a GPU beyond the buffers it logs: what an earlier load on this GPU and
     driver measured, else the CUDA context measured on an H100. An RPC device's server holds its own
-    context on its own machine; a CPU server has none."""
+    context on its own machine; a CPU server has none. Metal has no CUDA context; what it holds beyond
+    the buffers was not measured (no Mac here), so it gets none. Vulkan and ROCm keep the CUDA figure:
+    their driver contexts were not measured either, and the larger figure errs on the side of fitting."""
     if gpu.overhead_mib is not None:
         return gpu.overhead_mib
-    return 0.0 if gpu.rpc_endpoint else float(CUDA_CONTEXT_MIB)
+    return 0.0 if gpu.rpc_endpoint or gpu.on_metal else float(CUDA_CONTEXT_MIB)
 
 
 @dataclass
@@ -1373,7 +1393,7 @@ def explain(p: Plan) -> str:
     bd, budget = p.breakdown, p.budget
     ctx = f"{bd.n_ctx} tokens of context"
     kv_note = f", with the KV cache in {bd.kv_type_k} (flash attention on)" if bd.kv_type_k != "f16" else ""
-    ram = f"{gb(round(bd.host.total_mib))} of RAM"
+    ram = f"{gb(round(budget.ram_need(bd)))} of RAM"  # with what a unified-memory GPU holds
     if p.verdict == "full_gpu":
         spare = min(f - d.total_mib for f, d in zip(budget.gpu_free, bd.gpus, strict=True))
         return f"fits fully on your {_gpu_names(budget.gpus)} at {ctx}{kv_note}, {gb(round(spare))} to spare"
@@ -1410,7 +1430,7 @@ def _wont_fit_reason(p: Plan, ctx: str) -> str:
         text = (f"does not fit: with {p.breakdown.gpu_layers} layers on the GPU, {dev.name} would need "
                 f"{gb(round(dev.total_mib))} at {ctx}, {gb(round(excess))} more than it can give")
     else:
-        need = gb(round(p.breakdown.host.total_mib))
+        need = gb(round(p.budget.ram_need(p.breakdown)))  # a unified-memory GPU's share included
         have = gb(max(0, round(p.budget.ram_usable)))
         text = f"does not fit: at {ctx} it needs {need} of RAM and only {have} is usable"
     if p.max_ctx:

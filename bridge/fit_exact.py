@@ -162,9 +162,11 @@ def refine(result: Plan, path: str | os.PathLike[str], timeout_s: float = DRY_RU
                          f"{len(measured.gpus)} GPU(s), not the {len(bd.gpus)} planned for; "
                          "drop --exact to plan for other hardware")
     refined = replace(result, breakdown=measured, mode="exact", notes=list(result.notes))
-    for dev, cap in zip(measured.devices, [*result.budget.gpu_usable, result.budget.ram_usable], strict=True):
-        if dev.total_mib > cap:
-            refined.notes.append(f"llama.cpp's own figures need {dev.total_mib - cap:.0f} MiB more than "
+    needs = [d.total_mib for d in measured.gpus] + [result.budget.ram_need(measured)]  # unified GPUs in RAM
+    caps = [*result.budget.gpu_usable, result.budget.ram_usable]
+    for dev, need, cap in zip(measured.devices, needs, caps, strict=True):
+        if need > cap:
+            refined.notes.append(f"llama.cpp's own figures need {need - cap:.0f} MiB more than "
                                  f"{dev.name} can give; lower the context or the GPU layers")
     refined.reason = explain(refined)
     return refined

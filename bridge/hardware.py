@@ -1,11 +1,17 @@
-"""Hardware probe: CPU, RAM, swap, NVIDIA GPUs (NVML), GPU offload support of this build, Docker.
+"""Hardware probe: CPU, RAM, swap, the GPUs this llama.cpp build can use, NVIDIA GPUs (NVML), Docker.
 
 Never fails: a machine without a GPU, without the NVML library, or with an NVML error still gets a
 correct report that says so (in `nvml_error`).
 
-The two libraries that talk to the outside world are parameters of `probe()` so that tests can stand
-in for them at their boundary: `nvml` (the `pynvml` module of the nvidia-ml-py package) and `llama`
-(the `llama_cpp` module). Both default to the real import.
+The GPUs come from llama.cpp's own device list (bridge.devices.local): whatever the build can use,
+CUDA, Metal, Vulkan or ROCm, under the name llama.cpp gives it (CUDA0, MTL0, Vulkan0 ...). NVML adds
+what it knows to the NVIDIA ones, matched by PCI bus id: fresh free memory, driver, compute capability,
+bandwidth, and later the memory of each process. An NVIDIA GPU the build cannot use is still reported,
+with the way to a build that can.
+
+What talks to the outside world is a parameter of `probe()`, so that tests can stand in for it at its
+boundary: `nvml` (the `pynvml` module of the nvidia-ml-py package), `llama` (the `llama_cpp` module)
+and `devices` (what llama.cpp's device API answers). All default to the real thing.
 
 GPU memory bandwidth is computed from NVML's answers, not looked up in a table:
 
@@ -25,8 +31,8 @@ import logging
 import os
 import platform
 import re
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -34,6 +40,18 @@ from typing import Any
 import psutil
 
 from . import install_hint
+from .devices.ggml import Device
+from .devices.local import (
+    METAL_BACKENDS,
+    REFRESH_S,
+    LocalDevices,
+    apple_bandwidth,
+    is_metal,
+    is_unified,
+    local_devices,
+    local_gpus,
+    normal_bus_id,
+)
 from .errors import BadRequest
 
 log = logging.getLogger(__name__)
@@ -72,6 +90,14 @@ class GPUInfo:
     overhead_mib: float | None = None  # what llama.cpp uses beyond its buffers (learned; None: default)
     kind: str = "gpu"  # "cpu" for a worker that lends its CPU and RAM
     rtt_ms: float | None = None  # network round trip to a remote device's machine
+    backend: str | None = None  # llama.cpp's backend: CUDA, MTL (Metal), Vulkan, ROCm ...
+    unified: bool = False  # its memory is the machine's RAM (Apple silicon, an integrated GPU)
+    pci_bus_id: str | None = None  # "0000:01:00.0", how NVML's GPUs are matched to llama.cpp's
+    bandwidth_note: str | None = None  # where `bandwidth_gbs` comes from when it is not measured
+
+    @property
+    def on_metal(self) -> bool:
+        return self.backend in METAL_BACKENDS
 
 
 @dataclass
@@ -90,6 +116,7 @@ class HardwareReport:
     cpu_bandwidth_gbs: float | None = None  # estimated RAM bandwidth, for speed estimates
     llama_cpp_version: str | None = None  # None when llama_cpp cannot be imported
     llama_cpp_error: str | None = None  # why llama_cpp cannot be imported
+    devices_error: str | None = None  # why llama.cpp's device list could not be read (NVML's GPUs then)
     hypothetical: bool = False  # made by what_if(): memory figures are the user's, not measured
 
     @property
@@ -101,26 +128,30 @@ class HardwareReport:
 
 # --- probe -------------------------------------------------------------------------------------------
 
-def probe(nvml: Any = None, llama: Any = None) -> HardwareReport:
-    """Look at this machine. `nvml` and `llama` stand in for the `pynvml` and `llama_cpp` modules (tests)."""
+def probe(nvml: Any = None, llama: Any = None, devices: LocalDevices | None = None) -> HardwareReport:
+    """Look at this machine. `nvml` and `llama` stand in for the `pynvml` and `llama_cpp` modules, `devices`
+    for llama.cpp's device list (tests). A stand-in `llama` without `devices` answers for itself whether
+    it can offload, and the GPUs are NVML's."""
     llama, llama_error = (llama, None) if llama is not None else _import_llama()
     ram, swap = psutil.virtual_memory(), psutil.swap_memory()
     cpu = cpu_info(llama=llama)
-    gpus, nvml_error = nvidia_gpus(nvml)
-    substituted = llama is not None and not _is_real_module(llama)
+    ram_gbs = estimate_cpu_bandwidth(cpu.cores_physical)
+    nvidia, nvml_error = nvidia_gpus(nvml)
+    local = _local(nvidia, llama, devices, ram_gbs)
     report = HardwareReport(
         cpu=cpu,
         ram_total_mib=ram.total // MIB,
         ram_available_mib=ram.available // MIB,
         swap_total_mib=swap.total // MIB,
         swap_free_mib=swap.free // MIB,
-        gpus=remote_gpus() + gpus,
-        gpu_offload_supported=_local_offload(llama, substituted),
-        nvml_error=nvml_error,
+        gpus=remote_gpus() + local.gpus,
+        gpu_offload_supported=local.offload,
+        nvml_error="; ".join(filter(None, [nvml_error, *local.notes])) or None,
         in_docker=in_docker(),
-        cpu_bandwidth_gbs=estimate_cpu_bandwidth(cpu.cores_physical),
+        cpu_bandwidth_gbs=ram_gbs,
         llama_cpp_version=getattr(llama, "__version__", None),
         llama_cpp_error=llama_error,
+        devices_error=local.error,
     )
     _explain_gpu_problem(report)
     return report
@@ -130,14 +161,91 @@ def _is_real_module(llama: Any) -> bool:
     return isinstance(llama, ModuleType) and llama.__name__ == "llama_cpp"
 
 
-def _local_offload(llama: Any, substituted: bool) -> bool:
-    """Whether this build can put layers on a GPU of this machine. `llama_supports_gpu_offload()` is true
-    for any build with the RPC backend, GPU or not, so the real answer comes from llama.cpp's device
-    list (read without touching a GPU's memory). A substituted module (tests) answers for itself."""
+@dataclass
+class _Local:
+    gpus: list[GPUInfo]
+    offload: bool  # the build can put layers on a GPU of this machine
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _local(nvidia: list[GPUInfo], llama: Any, devices: LocalDevices | None, ram_gbs: float) -> _Local:
+    """The local GPUs the build can use, from llama.cpp's device list with NVML's figures added. When that
+    list cannot be read: NVML's GPUs, named CUDA<n> in NVML's order, usable if the build can offload.
+    NVIDIA GPUs the build cannot use are kept (unusable), so the report can say how to fix that."""
     if llama is None:
-        return False
-    if substituted:
-        return bool(llama.llama_supports_gpu_offload())
+        return _Local(nvidia, False)
+    if devices is None and not _is_real_module(llama):
+        return _Local(nvidia, bool(llama.llama_supports_gpu_offload()))
+    source = devices or local_devices
+    found = source.get()
+    if found.error:
+        log.warning("could not read llama.cpp's device list (%s); GPUs from NVML alone", found.error)
+        return _Local(nvidia, _local_offload(llama), error=found.error)
+    gpus, unmatched = _merge(local_gpus(found.devices), nvidia, ram_gbs)
+    if any(g.free_from_llama for g in gpus):  # no NVML figure: llama.cpp's, read again when old
+        gpus, unmatched = _merge(local_gpus(source.get(max_age_s=REFRESH_S).devices), nvidia, ram_gbs)
+    if not gpus:
+        return _Local(nvidia, False)
+    notes = [f"NVML sees {g.name} ({g.pci_bus_id or f'GPU {g.index}'}), which llama.cpp does not list "
+             "(hidden by CUDA_VISIBLE_DEVICES, or not supported by this build): left out" for g in unmatched]
+    return _Local([g.info for g in gpus], True, notes=notes)
+
+
+@dataclass
+class _Merged:
+    info: GPUInfo
+    free_from_llama: bool  # its free memory is llama.cpp's figure (NVML does not know the device)
+
+
+def _merge(devices: list[Device], nvidia: list[GPUInfo],
+           ram_gbs: float) -> tuple[list[_Merged], list[GPUInfo]]:
+    """Each of llama.cpp's GPUs with what NVML knows of it, and the NVML GPUs that matched none."""
+    pairs = _pair(devices, nvidia)
+    merged = [_gpu_info(i, d, None if n is None else nvidia[n], ram_gbs) for i, (d, n) in enumerate(pairs)]
+    used = {n for _, n in pairs}
+    return merged, [g for n, g in enumerate(nvidia) if n not in used]
+
+
+def _pair(devices: list[Device], nvidia: list[GPUInfo]) -> list[tuple[Device, int | None]]:
+    """Device -> NVML GPU (its position) by PCI bus id. A CUDA device left over takes the next NVML GPU
+    left over where one of the two has no bus id to compare (CUDA numbers GPUs fastest first by default,
+    NVML by bus id, so order alone is the last resort)."""
+    by_bus = {g.pci_bus_id: n for n, g in enumerate(nvidia) if g.pci_bus_id}
+    pairs = [(d, by_bus.get(normal_bus_id(d.device_id) or "")) for d in devices]
+    used = {n for _, n in pairs if n is not None}
+    left = [n for n in range(len(nvidia)) if n not in used]
+    for i, (d, n) in enumerate(pairs):
+        if n is None and d.backend == "CUDA" and left and not (d.device_id and nvidia[left[0]].pci_bus_id):
+            pairs[i] = (d, left.pop(0))
+    return pairs
+
+
+def _gpu_info(index: int, d: Device, nvml: GPUInfo | None, ram_gbs: float) -> _Merged:
+    unified = is_unified(d)
+    if nvml is not None:  # NVML's figures are fresh on every probe and carry more
+        return _Merged(replace(nvml, index=index, device=d.name, backend=d.backend, unified=unified), False)
+    bandwidth, note = _device_bandwidth(d, unified, ram_gbs)
+    return _Merged(GPUInfo(
+        index=index, name=d.description or d.name, total_mib=d.total_mib, free_mib=d.free_mib,
+        used_mib=max(0, d.total_mib - d.free_mib), bandwidth_gbs=bandwidth, device=d.name, backend=d.backend,
+        unified=unified, pci_bus_id=normal_bus_id(d.device_id), bandwidth_note=note), True)
+
+
+def _device_bandwidth(d: Device, unified: bool, ram_gbs: float) -> tuple[float | None, str | None]:
+    """A device NVML does not measure: Apple's figure for an Apple chip; for another unified-memory GPU
+    the RAM's, which it shares; otherwise unknown (the speed estimates then use their default)."""
+    if is_metal(d) and (apple := apple_bandwidth(d.description)):
+        return apple
+    if unified:
+        return ram_gbs, "the RAM's estimated bandwidth, which it shares"
+    return None, None
+
+
+def _local_offload(llama: Any) -> bool:
+    """Whether this build can put layers on a GPU of this machine, when the device probe failed.
+    `llama_supports_gpu_offload()` is true for any build with the RPC backend, GPU or not, so the answer
+    comes from llama.cpp's device list, read here without touching a GPU's memory."""
     from .devices import ggml
 
     try:
@@ -154,21 +262,24 @@ def remote_gpus() -> list[GPUInfo]:
     return registry.gpus()
 
 
-def process_gpu_mib(pid: int, nvml: Any = None) -> dict[str, float]:
-    """GPU memory NVML attributes to process `pid`, per CUDA device name; {} without NVML or GPU."""
+def process_gpu_mib(pid: int, nvml: Any = None, gpus: Sequence[GPUInfo] = ()) -> dict[str, float]:
+    """GPU memory NVML attributes to process `pid`, per llama.cpp device name: the name of the GPU of
+    `gpus` with the same PCI bus id, else CUDA<NVML's index>. {} without NVML or GPU."""
     try:
         if nvml is None:
             import pynvml as nvml
         nvml.nvmlInit()
     except Exception:  # no driver, no library: nothing to measure
         return {}
+    names = {g.pci_bus_id: g.device for g in gpus if g.pci_bus_id and g.device and not g.rpc_endpoint}
     found: dict[str, float] = {}
     try:
         for index in range(nvml.nvmlDeviceGetCount()):
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            name = names.get(_bus_id(nvml, handle)) if names else None
             for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
                 if proc.pid == pid and proc.usedGpuMemory is not None:
-                    found[f"CUDA{index}"] = proc.usedGpuMemory / MIB
+                    found[name or f"CUDA{index}"] = proc.usedGpuMemory / MIB
     except Exception as exc:  # a driver that cannot say per process (some Windows modes): no figure
         log.info("NVML per-process memory unavailable: %s", exc)
     finally:
@@ -289,6 +400,7 @@ def _read_gpu(nvml: Any, index: int, driver: str | None, notes: list[str]) -> GP
     name = _text(_call(notes, f"GPU {index}: reading its name", lambda: nvml.nvmlDeviceGetName(handle)))
     capability = _call(notes, f"GPU {index}: reading its compute capability",
                        lambda: nvml.nvmlDeviceGetCudaComputeCapability(handle))
+    pci = _call(notes, f"GPU {index}: reading its PCI bus id", lambda: nvml.nvmlDeviceGetPciInfo(handle))
     return GPUInfo(
         index=index,
         name=name or f"NVIDIA GPU {index}",
@@ -298,7 +410,15 @@ def _read_gpu(nvml: Any, index: int, driver: str | None, notes: list[str]) -> GP
         driver=driver,
         compute_capability=f"{capability[0]}.{capability[1]}" if capability else None,
         bandwidth_gbs=_bandwidth(nvml, handle, index, notes),
+        pci_bus_id=normal_bus_id(getattr(pci, "busId", None)),
     )
+
+
+def _bus_id(nvml: Any, handle: Any) -> str | None:
+    try:
+        return normal_bus_id(nvml.nvmlDeviceGetPciInfo(handle).busId)
+    except Exception:  # an NVML error or old bindings: the GPU keeps its CUDA<index> name
+        return None
 
 
 def _bandwidth(nvml: Any, handle: Any, index: int, notes: list[str]) -> float | None:
@@ -434,9 +554,10 @@ def summary_line(report: HardwareReport) -> str:
 
 def _gpus_summary(report: HardwareReport) -> str:
     if not report.gpus:
-        return "No NVIDIA GPU"
+        return "No GPU"
     text = " + ".join(
-        f"{short_gpu_name(gpu.name)} {gb(gpu.total_mib)} ({gb(gpu.free_mib)} free)" for gpu in report.gpus
+        f"{short_gpu_name(gpu.name)} {gb(gpu.total_mib)}{' of RAM' if gpu.unified else ''}"
+        f" ({gb(gpu.free_mib)} free)" for gpu in report.gpus
     )
     if not report.gpu_offload_supported:
         text += ", not usable by this llama-cpp-python build"
@@ -480,6 +601,9 @@ def report_lines(report: HardwareReport) -> list[str]:
         lines += [f"Problem    {report.gpu_problem}", *install_hint.fix_lines(report)]
     if report.nvml_error and report.gpus:
         lines.append(f"NVML       {report.nvml_error}")
+    if report.devices_error:
+        lines.append(f"Devices    llama.cpp's device list could not be read ({report.devices_error}); "
+                     "GPUs from NVML alone")
     if report.in_docker:
         lines.append("Container  yes (Docker or similar)")
     if report.hypothetical:
@@ -489,7 +613,7 @@ def report_lines(report: HardwareReport) -> list[str]:
 
 def _gpu_lines(report: HardwareReport) -> list[str]:
     if not report.gpus:
-        lines = ["GPU        No NVIDIA GPU: models run on the CPU."]
+        lines = ["GPU        No GPU this llama.cpp build can use: models run on the CPU."]
         if report.nvml_error:
             lines.append(f"           ({report.nvml_error})")
         if report.in_docker:
@@ -498,16 +622,29 @@ def _gpu_lines(report: HardwareReport) -> list[str]:
         return lines
     lines = []
     for gpu in report.gpus:
-        details = [f"compute capability {gpu.compute_capability or 'unknown'}",
-                   f"{gpu.bandwidth_gbs:g} GB/s" if gpu.bandwidth_gbs else "bandwidth unknown"]
-        if gpu.driver:
-            details.append(f"driver {gpu.driver}")
         lines += [
             f"GPU {gpu.index:<6} {gpu.name} · {gpu.total_mib} MiB total, {gpu.free_mib} MiB free,"
             f" {gpu.used_mib} MiB used",
-            f"           {' · '.join(details)}",
+            f"           {' · '.join(_gpu_details(gpu))}",
         ]
+        if gpu.unified:
+            limit = " (total: the working-set limit Metal recommends)" if gpu.on_metal else ""
+            lines.append(f"           unified memory: what it holds comes out of the RAM{limit}")
     return lines
+
+
+def _gpu_details(gpu: GPUInfo) -> list[str]:
+    details = [f"llama.cpp device {gpu.device}"] if gpu.device and not gpu.rpc_endpoint else []
+    if gpu.compute_capability or not gpu.backend or gpu.backend == "CUDA":
+        details.append(f"compute capability {gpu.compute_capability or 'unknown'}")
+    if gpu.bandwidth_gbs:
+        note = f" ({gpu.bandwidth_note})" if gpu.bandwidth_note else ""
+        details.append(f"{gpu.bandwidth_gbs:g} GB/s{note}")
+    else:
+        details.append("bandwidth unknown")
+    if gpu.driver:
+        details.append(f"driver {gpu.driver}")
+    return details
 
 
 def _llama_line(report: HardwareReport) -> str:

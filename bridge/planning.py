@@ -54,7 +54,7 @@ def loaded_use(model_id: str, pid: int | None, allocation: dict[str, Any], gpus:
 
     buffers = {name: float(use.get("total_mib", 0.0)) for name, use in allocation.get("devices", {}).items()}
     use = LoadedUse(model_id)
-    measured = process_gpu_mib(pid) if pid else {}
+    measured = process_gpu_mib(pid, gpus=gpus) if pid else {}
     use.per_process = measured
     for gpu in gpus:
         name = fit.device_name(gpu, gpu.index)

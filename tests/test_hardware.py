@@ -33,12 +33,13 @@ class FakeGPU:
     capability: tuple[int, int]
     bus_bits: int
     mem_clock_mhz: int
+    bus_id: bytes = b"00000000:01:00.0"  # as NVML writes it
 
 
 RTX_3080 = FakeGPU("NVIDIA GeForce RTX 3080", 10240, 9420, (8, 6), 320, 9501)
-RTX_3090 = FakeGPU("NVIDIA GeForce RTX 3090", 24576, 23800, (8, 6), 384, 9751)
+RTX_3090 = FakeGPU("NVIDIA GeForce RTX 3090", 24576, 23800, (8, 6), 384, 9751, b"00000000:2B:00.0")
 RTX_4090 = FakeGPU("NVIDIA GeForce RTX 4090", 24564, 24000, (8, 9), 384, 10501)
-H100_PCIE = FakeGPU("NVIDIA H100 PCIe", 81559, 81000, (9, 0), 5120, 1593)
+H100_PCIE = FakeGPU("NVIDIA H100 PCIe", 81559, 81000, (9, 0), 5120, 1593, b"00000000:C1:00.0")
 
 
 class FakeNVML:
@@ -55,6 +56,7 @@ class FakeNVML:
         self.driver = driver
         self.initialized = False
         self.shutdowns = 0
+        self.processes: dict[bytes, list[SimpleNamespace]] = {}  # bus id -> processes using the GPU
 
     def _answer(self, function: str, value: object) -> object:
         assert self.initialized, f"{function} called before nvmlInit"
@@ -98,6 +100,12 @@ class FakeNVML:
     def nvmlDeviceGetMaxClockInfo(self, gpu: FakeGPU, clock: int) -> object:
         assert clock == pynvml.NVML_CLOCK_MEM, "bandwidth needs the memory clock, not the graphics clock"
         return self._answer("nvmlDeviceGetMaxClockInfo", gpu.mem_clock_mhz)
+
+    def nvmlDeviceGetPciInfo(self, gpu: FakeGPU) -> object:
+        return self._answer("nvmlDeviceGetPciInfo", pynvml.nvmlPciInfo_t(busId=gpu.bus_id))
+
+    def nvmlDeviceGetComputeRunningProcesses(self, gpu: FakeGPU) -> object:
+        return self._answer("nvmlDeviceGetComputeRunningProcesses", self.processes.get(gpu.bus_id, []))
 
 
 def cuda_llama(offload: bool = True) -> SimpleNamespace:
@@ -147,7 +155,7 @@ def test_this_machine_has_no_gpu_and_says_so() -> None:
     assert report.usable_gpus == []
     assert report.nvml_error  # why no GPU was seen
     assert report.gpu_problem is None and report.reinstall_command is None
-    assert summary_line(report).startswith("No NVIDIA GPU · ")
+    assert summary_line(report).startswith("No GPU · ")
 
 
 def test_offload_support_is_a_local_gpu_in_llama_cpps_device_list() -> None:
@@ -206,7 +214,8 @@ def test_one_gpu() -> None:
     report = probe(nvml=nvml, llama=cuda_llama())
     [gpu] = report.gpus
     assert gpu == GPUInfo(index=0, name="NVIDIA GeForce RTX 3080", total_mib=10240, free_mib=9420,
-                          used_mib=820, driver="550.54.14", compute_capability="8.6", bandwidth_gbs=760.1)
+                          used_mib=820, driver="550.54.14", compute_capability="8.6", bandwidth_gbs=760.1,
+                          pci_bus_id="0000:01:00.0")
     assert report.usable_gpus == [gpu]
     assert report.nvml_error is None and report.gpu_problem is None
     assert nvml.shutdowns == 1
@@ -257,7 +266,7 @@ def test_nvml_init_error() -> None:
     report = probe(nvml=nvml, llama=cuda_llama())
     assert report.gpus == []
     assert report.nvml_error == "the NVIDIA driver is installed but not loaded"
-    assert summary_line(report).startswith("No NVIDIA GPU")
+    assert summary_line(report).startswith("No GPU")
 
 
 def test_nvml_package_missing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -287,7 +296,7 @@ def test_gpu_whose_memory_cannot_be_read_is_left_out() -> None:
 
 @pytest.mark.parametrize("function", [
     "nvmlDeviceGetCount", "nvmlSystemGetDriverVersion", "nvmlDeviceGetName",
-    "nvmlDeviceGetCudaComputeCapability", "nvmlDeviceGetMaxClockInfo", "nvmlShutdown",
+    "nvmlDeviceGetCudaComputeCapability", "nvmlDeviceGetMaxClockInfo", "nvmlDeviceGetPciInfo", "nvmlShutdown",
 ])
 def test_any_nvml_call_failing_gives_a_report_and_a_note(function: str) -> None:
     nvml = FakeNVML([RTX_3080], fail={function: pynvml.NVML_ERROR_UNKNOWN})
@@ -405,8 +414,8 @@ def test_report_to_dict_is_json(one_gpu_report: hardware.HardwareReport) -> None
 def test_cli_on_this_machine(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["hardware"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("No NVIDIA GPU · ")
-    assert "No NVIDIA GPU: models run on the CPU." in out
+    assert out.startswith("No GPU · ")
+    assert "No GPU this llama.cpp build can use: models run on the CPU." in out
     assert f"{psutil.virtual_memory().total // MIB} MiB total" in out
 
 

@@ -19,19 +19,22 @@ TOLERANCE_MIB = 64.0
 
 _BUFFER_RE = re.compile(r"(\S+) +(model|KV|compute|output) buffer size = +([\d.]+) MiB")
 _LAYER_RE = re.compile(r"layer +(\d+) assigned to device (\S+?),")
+_METAL_SUFFIX_RE = re.compile(r"_(Mapped|Private)$")
 _KIND_FIELD = {"model": "weights_mib", "KV": "kv_mib", "compute": "compute_mib", "output": "compute_mib"}
 
 
 def device_of(buffer_name: str, aliases: dict[str, str] | None = None) -> str:
-    """CUDA0 -> CUDA0, CPU_Mapped / CPU_REPACK / CUDA_Host -> CPU. An RPC buffer is named after the device's
-    index on its server and the server (`RPC0[127.0.0.1:50053]`), which `aliases` maps to the device name
-    in this process (RPC1); without an alias the name before the bracket is kept."""
+    """CUDA0 -> CUDA0, CPU_Mapped / CPU_REPACK / CUDA_Host -> CPU, MTL0_Mapped / MTL0_Private -> MTL0
+    (Metal's buffer types of one device, ggml-metal.cpp: with unified memory the mapped file is the GPU's
+    weights). An RPC buffer is named after the device's index on its server and the server
+    (`RPC0[127.0.0.1:50053]`), which `aliases` maps to the device name in this process (RPC1); without an
+    alias the name before the bracket is kept."""
     if aliases and buffer_name in aliases:
         return aliases[buffer_name]
     name = buffer_name.split("[", 1)[0]
     if name.startswith("CPU") or name.endswith("_Host"):
         return HOST
-    return name
+    return _METAL_SUFFIX_RE.sub("", name)
 
 
 @dataclass

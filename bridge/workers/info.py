@@ -51,19 +51,22 @@ def own_versions() -> tuple[str, str]:
 
 
 def local_info(rpc_port: int, served: list[str], memory_mib: int | None) -> WorkerInfo:
-    """This machine's devices that the RPC server serves, measured (GPU figures from NVML)."""
+    """This machine's devices that the RPC server serves, measured (GPU figures from llama.cpp's device
+    list and NVML, matched by llama.cpp's device name)."""
     from ..hardware import probe
 
     report = probe()
     version, llama_version = own_versions()
     devices = []
-    gpus = list(report.gpus)
+    local = [g for g in report.gpus if not g.rpc_endpoint]
+    named = {g.device: g for g in local if g.device}  # llama.cpp's own names (CUDA0, MTL0, Vulkan0)
+    unnamed = [g for g in local if not g.device]  # NVML's alone, in order, when the device list failed
     for name in served:
         if name.startswith("CPU"):
             total, free = _lent(report.ram_total_mib, report.ram_available_mib, memory_mib)
             devices.append(WorkerDevice(name, report.cpu.model, "cpu", total, free, report.cpu_bandwidth_gbs))
             continue
-        gpu = gpus.pop(0) if gpus else None
+        gpu = named.get(name) or (unnamed.pop(0) if unnamed else None)
         total, free = _lent(gpu.total_mib if gpu else 0, gpu.free_mib if gpu else 0, memory_mib)
         devices.append(WorkerDevice(name, gpu.name if gpu else name, "gpu", total, free,
                                     gpu.bandwidth_gbs if gpu else None))
