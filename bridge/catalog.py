@@ -1,9 +1,16 @@
 """The catalog: well-known chat and role-play GGUF repositories, their quant files and each figure's source.
 
-The bundled `data/catalog.json` is built from a survey of Hugging Face pages (`build_from_seed`): file sizes
-as the Hub printed them (decimal GB, three significant figures, so each size carries its precision), the
-architecture shape from each model's config.json, license and prompt format from the model card. A figure
-that no page gave is computed from the shape and the quant's rules and marked `"estimated": true`.
+The bundled `data/catalog.json` is built from surveys of Hugging Face pages (`build_from_seed`, run by
+`scripts/build_catalog.py`): file sizes as the Hub printed them (decimal GB, three significant figures, so
+each size carries its precision), the architecture shape from each model's config.json, license and prompt
+format from the model card, and each model's published quality figures (`quality`: its Arena rating and
+its UGI role-play figures, each with its source; `bridge.quality` reads them). A figure that no page gave
+is computed from the shape and the quant's rules, or from a related model, and marked `"estimated": true`
+with its reason.
+
+Besides chat models the catalog holds vision models (`kind: "vision"`, their projector files in
+`projectors`, apart from the language weights in `files`) and embedding models (`kind: "embedding"`):
+the recommender ranks chat models only.
 
 `refresh` replaces survey figures with exact ones from the Hub: sizes and sha256 from
 `model_info(files_metadata=True)`, and each file's GGUF header read by range requests (the planner's exact
@@ -30,7 +37,8 @@ from .formats import parse_name
 CACHE_NAME = "catalog-cache.json"
 DEFAULT_TTL_S = 24 * 3600
 DISCOVER_PER_AUTHOR = 10  # an uploader's most downloaded GGUF repositories a refresh may add
-SCHEMA = 1
+SCHEMA = 2  # 2: kind, quality, projectors; a cache of schema 1 is ignored (the bundle serves)
+KINDS = ("chat", "vision", "embedding")
 
 # Bits per weight of whole files (tensor mixtures), Llama-3.1-8B column of ggml-org/llama.cpp
 # tools/quantize/README.md (fit-reference.md 3.1). Used only to estimate a size no page gave.
@@ -121,6 +129,20 @@ class CatalogFile:
 
 
 @dataclass
+class Projector:
+    """A vision projector (`mmproj`): passed to llama.cpp beside the language weights of its model."""
+
+    path: str
+    size_bytes: int
+    size_tolerance_bytes: int
+    source: str
+    source_url: str | None = None
+    quant: str | None = None  # None: the listing did not say
+    for_model: str | None = None  # the model it belongs to, when the repository holds several
+    note: str | None = None
+
+
+@dataclass
 class Shape:
     """The architecture figures the recommender needs (from config.json, or from the GGUF header)."""
 
@@ -171,6 +193,11 @@ class CatalogModel:
     notes: str | None = None
     headers: dict[str, dict[str, Any]] = field(default_factory=dict)  # file -> layout_to_dict (range read)
     source: str = "survey"  # survey (the bundled catalog) | discovered (a trusted uploader's, by a refresh)
+    kind: str = "chat"  # chat | vision | embedding (KINDS)
+    quality: dict[str, Any] = field(default_factory=dict)  # {"arena": {...}, "ugi": {...}}: bridge.quality
+    projectors: list[Projector] = field(default_factory=list)  # vision: the mmproj files in this repository
+    projector_hint: dict[str, Any] | None = None  # a projector for this model kept in another repository
+    embedding: dict[str, Any] | None = None  # embedding: dim, pooling, prefixes, as far as read
 
     @property
     def is_moe(self) -> bool:
@@ -300,6 +327,11 @@ def from_dict(data: dict[str, Any], origin: str) -> Catalog:
                 notes=m.get("notes"),
                 headers=m.get("headers", {}),
                 source=m.get("source", "survey"),
+                kind=m.get("kind", "chat"),
+                quality=m.get("quality", {}),
+                projectors=[Projector(**p) for p in m.get("projectors", [])],
+                projector_hint=m.get("projector_hint"),
+                embedding=m.get("embedding"),
             )
         )
     return Catalog(models=models, origin=origin, refreshed_at=data.get("refreshed_at"))
@@ -342,6 +374,14 @@ SHAPE_FROM_BASE = {
     "anthracite-org/magnum-v4-12b-gguf": "bartowski/Mistral-Nemo-Instruct-2407-GGUF",
     "QuantFactory/L3-8B-Stheno-v3.2-GGUF": "bartowski/Meta-Llama-3.1-8B-Instruct-GGUF",
     "l3utterfly/Lumimaid-v0.2-8B-gguf": "bartowski/Meta-Llama-3.1-8B-Instruct-GGUF",
+    # seed 2 (catalog-seed-2.md, "Inferred bases"): per-quant sizes equal to their bases'
+    "bartowski/TheDrummer_Cydonia-24B-v2-GGUF": "bartowski/Mistral-Small-24B-Instruct-2501-GGUF",
+    "mradermacher/MN-12B-Mag-Mell-R1-GGUF": "bartowski/Mistral-Nemo-Instruct-2407-GGUF",
+    "mradermacher/Rocinante-12B-v1.1-GGUF": "bartowski/Mistral-Nemo-Instruct-2407-GGUF",
+    # the same language model as 2501 with a vision encoder added; its config was not read
+    "unsloth/Mistral-Small-3.1-24B-Instruct-2503-GGUF": "bartowski/Mistral-Small-24B-Instruct-2501-GGUF",
+    # Llama 3.3 keeps Llama 3.1 70B's architecture; its config was not read
+    "bartowski/Llama-3.3-70B-Instruct-GGUF": "bartowski/Meta-Llama-3.1-70B-Instruct-GGUF",
 }
 # Trained before 2024 on far fewer tokens: quant loss ~0.3-0.5x Llama-3's (fit-reference.md 3.2, PR #6936).
 OLDER_TRAINING = {
@@ -356,16 +396,21 @@ def size_tolerance(size_gb: float) -> int:
     return int(0.5 * 10 ** (digits - 2) * 1e9)
 
 
-def build_from_seed(seed: dict[str, Any]) -> dict[str, Any]:
-    """The bundled catalog (JSON-ready) from the survey file (catalog-seed.json)."""
-    shapes = {r["repo"]: _seed_shape(r["arch"]) for r in seed["repos"]}
-    models = [_seed_model(r, shapes) for r in seed["repos"]]
+def build_from_seed(*seeds: dict[str, Any], quality: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The bundled catalog (JSON-ready) from the survey files (catalog-seed.json, catalog-seed-2.json) and
+    the quality figures (scripts/catalog/quality.json)."""
+    repos = [r for seed in seeds for r in seed["repos"]]
+    shapes = {r["repo"]: _seed_shape(r["arch"]) for r in repos}
+    figures = _sourced_figures(quality or {})
+    models = [_seed_model(r, shapes, figures.get(r["repo"], {})) for r in repos]
+    surveys = dict.fromkeys(s["generated_from"] for s in seeds if s.get("generated_from"))
     return {
         "schema": SCHEMA,
         "origin": "bundled",
         "refreshed_at": None,
-        "generated_from": seed.get("generated_from"),
+        "generated_from": "; ".join(surveys),
         "units": "bytes; survey sizes were decimal GB",
+        "quality_sources": (quality or {}).get("sources", {}),
         "models": [_model_to_dict(m) for m in models],
     }
 
@@ -392,24 +437,35 @@ def _seed_shape(arch: dict[str, Any] | None) -> Shape:
     )
 
 
-def _seed_model(r: dict[str, Any], shapes: dict[str, Shape]) -> CatalogModel:
+def _sourced_figures(quality: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each model's figures with their leaderboard's address and date in every figure, so a figure keeps
+    its source wherever it is copied (a refreshed cache, the recommendation's JSON)."""
+    sources = quality.get("sources", {})
+    out: dict[str, dict[str, Any]] = {}
+    for repo, figures in quality.get("models", {}).items():
+        out[repo] = {
+            board: {**figure, "source_url": sources[board]["url"], "as_of": sources[board]["as_of"]}
+            for board, figure in figures.items()
+        }
+    return out
+
+
+def _seed_model(r: dict[str, Any], shapes: dict[str, Shape], quality: dict[str, Any]) -> CatalogModel:
     shape = shapes[r["repo"]]
+    kind = r.get("kind", "chat")
     if not shape.complete and r["repo"] in SHAPE_FROM_BASE:
         base = SHAPE_FROM_BASE[r["repo"]]
         shape = Shape(
             **{**asdict(shapes[base]), "estimated": True, "note": f"shape of {base} (same base model)"}
         )
     counted = params_from_shape(shape)
-    params_estimated = r.get("params_b") is None
-    if params_estimated:
-        if counted is None:
-            raise BridgeError(f"{r['repo']}: neither a parameter count nor a shape to count them from")
-        params_b = round(counted[0] / 1e9, 2)
-    else:
-        params_b = float(r["params_b"])
-    active_b = (
-        params_b if counted is None or not shape.n_expert else round(params_b * counted[1] / counted[0], 2)
-    )
+    params_b, params_estimated = _seed_params(r, counted, kind)
+    active_b = params_b
+    if r.get("params_active_b"):
+        active_b = float(r["params_active_b"])
+    elif counted is not None and shape.n_expert:
+        active_b = round(params_b * counted[1] / counted[0], 2)
+    weights = [row for row in r["files"] if row.get("role") != "mmproj" and not _for_another_runtime(row)]
     return CatalogModel(
         repo=r["repo"],
         name=r["repo"].split("/")[1].removesuffix("-GGUF").removesuffix("-gguf"),
@@ -421,15 +477,57 @@ def _seed_model(r: dict[str, Any], shapes: dict[str, Shape]) -> CatalogModel:
         context_length=r.get("context_length") or shape.n_ctx_train,
         base_model=r.get("base_model"),
         shape=shape,
-        files=_seed_files(r["files"]),
+        files=_seed_files(weights),
         quant_sensitivity=OLDER_TRAINING.get(r["repo"], 1.0),
         sources={
             "card": r.get("source_url"),
             "files": r.get("files_source_url"),
             "shape": shape.source_url,
-            "params": "counted from the shape (estimated)" if params_estimated else "model name",
+            "params": _params_source(r, counted, params_estimated),
         },
         notes=r.get("notes"),
+        kind=kind,
+        quality=quality,
+        projectors=[_seed_projector(row) for row in r["files"] if row.get("role") == "mmproj"],
+        projector_hint=r.get("mmproj_hint"),
+        embedding=r.get("embedding"),
+    )
+
+
+def _seed_params(r: dict[str, Any], counted: tuple[int, int] | None, kind: str) -> tuple[float, bool]:
+    """(billions of parameters, estimated): the page's figure, else counted from the shape. A vision or
+    embedding model may have neither (0.0, estimated): it is never ranked by size."""
+    if r.get("params_b") is not None:
+        return float(r["params_b"]), False
+    if counted is not None:
+        return round(counted[0] / 1e9, 2), True
+    if kind != "chat":
+        return 0.0, True
+    raise BridgeError(f"{r['repo']}: neither a parameter count nor a shape to count them from")
+
+
+def _params_source(r: dict[str, Any], counted: tuple[int, int] | None, estimated: bool) -> str:
+    if not estimated:
+        return "model name" if r.get("kind", "chat") == "chat" else "repository page"
+    return "counted from the shape (estimated)" if counted is not None else "not read"
+
+
+def _for_another_runtime(row: dict[str, Any]) -> bool:
+    """Files made for bert.cpp, not llama.cpp (catalog-seed-2.md: vonjack's `*_bert_cpp.gguf`)."""
+    return "bert_cpp" in row.get("file", "") or "bert.cpp" in (row.get("note") or "")
+
+
+def _seed_projector(row: dict[str, Any]) -> Projector:
+    note = row.get("note") or ""
+    return Projector(
+        path=row.get("path") or row["file"],
+        size_bytes=round(row["size_gb"] * 1e9),
+        size_tolerance_bytes=size_tolerance(row["size_gb"]),
+        source=row["size_source"],
+        source_url=row.get("size_source_url"),
+        quant=row.get("quant"),
+        for_model=note.removeprefix("projector for ") if note.startswith("projector for ") else None,
+        note=row.get("note"),
     )
 
 
@@ -493,8 +591,9 @@ def refresh(
         except BridgeError as exc:
             say(f"{model.repo}: kept the figures it had ({exc.message})")
             out.append(model)
-    # A discovered repository whose files could not be read has nothing to offer yet.
-    return Catalog(models=[m for m in out if m.files], origin="hub", refreshed_at=time.time())
+    # A discovered repository whose files could not be read has nothing to offer yet (a projector-only
+    # repository offers its projectors).
+    return Catalog(models=[m for m in out if m.files or m.projectors], origin="hub", refreshed_at=time.time())
 
 
 def refresh_cache(
@@ -631,9 +730,10 @@ def _headers_to_read(
 def _group_remote(remote: list[Any]) -> dict[str, list[Any]]:
     groups: dict[str, list[Any]] = {}
     for f in remote:
-        hints = parse_name(Path(f.path).name)
-        if not hints.quant:
-            continue
+        name = Path(f.path).name
+        hints = parse_name(name)
+        if not hints.quant or "mmproj" in name.lower() or "bert_cpp" in name:
+            continue  # projectors stay in `projectors`; bert.cpp files are not for llama.cpp
         # Two files of the same quant that are not shards of one set (rare: re-uploads) keep the first.
         group = groups.setdefault(hints.quant, [])
         if group and not hints.split_part:
