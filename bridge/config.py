@@ -119,6 +119,10 @@ class Settings(BaseSettings):
         default_factory=lambda: list(TRUSTED_UPLOADERS),
         description="Hub uploaders whose most downloaded GGUF repositories a refresh adds to the catalog",
     )
+    speed_probe: bool = Field(
+        True, description="measure this machine's speed once, on the first recommendation (a few seconds; "
+        "kept in <data_dir>); off: speeds are estimated from the core count",
+    )
 
     @field_validator("api_key")
     @classmethod

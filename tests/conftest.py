@@ -1,5 +1,11 @@
 """Shared pytest setup. Each capability's fixtures live in its own plugin module under tests/fixtures/."""
 
+import os
+
+# No first-use speed measurement in bridges the tests start (a few seconds each, in every fresh data dir):
+# their speeds are estimates. tests/test_speed.py measures on purpose.
+os.environ.setdefault("ST_BRIDGE_SPEED_PROBE", "false")
+
 pytest_plugins = [
     "tests.fixtures.sparse",
     "tests.fixtures.tiny",

@@ -25,6 +25,7 @@ from ..events import Event, EventBus
 from ..gguf import GGUFHeader, ModelInfo, model_info, read_file
 from ..hardware import HardwareReport
 from ..planning import LoadedUse, LoadPlan, after_unload, budget_note, loaded_use, plan_load
+from ..speed_watch import SpeedWatch
 from ..workers.registry import lost, registry
 from . import BUS_KEY, MANAGER_KEY, SETTINGS_KEY, EngineLike
 from .schemas import LoadBody
@@ -58,6 +59,7 @@ class ModelManager:
         self._overrides: dict[str, Any] = {}  # the settings the loaded model was asked for
         self.loaded: LoadedUse | None = None  # what the loaded model's worker holds, measured after its load
         self._respecced: dict[str, Any] | None = None  # the plan a restart after a lost worker loads
+        self.speed = SpeedWatch()  # the loaded model's predicted and measured speed (status)
 
     # --- what is loaded ---
 
@@ -93,6 +95,7 @@ class ModelManager:
             "plan": self.plan,
             "hint": self.hint(),
             "models_dir": str(self.settings.models_path),
+            "speed": self.speed.to_dict() if self.plan else None,
         }
 
     # --- loading ---
@@ -198,10 +201,15 @@ class ModelManager:
                 "kv_type": status.kv_type,
                 "flash_attn": status.flash_attn,
             } | self._check_allocation(spec.model_id, plan, status)
+            self.speed = await asyncio.to_thread(self._watch_speed, spec, plan)
             self._announce_ready()
             self.bus.publish("model_loaded", named | {"plan": self.plan})
             self.bus.publish("status", self.status_dict())
             return {"model": spec.model_id, "plan": self.plan, "status": self.status_dict()}
+
+    def _watch_speed(self, spec: LoadSpec, plan: dict[str, Any]) -> SpeedWatch:
+        return SpeedWatch.after_load(spec.model_path, spec.model_id, plan, self.planning_machine(),
+                                     self.settings.data_dir)
 
     def _plan(self, header: GGUFHeader, overrides: dict[str, Any]) -> LoadPlan:
         """The request's settings, then the config's, then the planner's for the rest, on the memory the

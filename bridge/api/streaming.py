@@ -18,7 +18,7 @@ from aiohttp import web
 
 from ..engine.types import GenerationRequest, GenerationResult, TokenChunk, TokenProb
 from ..errors import EngineError
-from . import ENGINE_KEY
+from . import ENGINE_KEY, MANAGER_KEY
 from .middleware import cors_headers_for
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,8 @@ async def generation(
             if _client_gone(request):
                 log.info("client went away; stopping its generation")
                 raise ClientGone()
+            if isinstance(item, GenerationResult) and MANAGER_KEY in request.app:
+                request.app[MANAGER_KEY].speed.observe(item)  # measured beside predicted speed (status)
             yield item
 
 
