@@ -1,42 +1,38 @@
-"""The recommender: the biggest, least-quantized model that runs well on this machine, with speed and reasons.
+"""The recommender: the best model an experienced local-LLM user would pick for this machine, and why.
 
-For every (model, quant) in the catalog it asks the planner (`bridge.fit`) where the model would run at the
-target context, predicts the decode speed from memory bandwidth, and ranks what fits by one score in nats
-(fit-reference.md 3.3 and 5.5). The policy, with its figures:
+For every chat model and quant in the catalog it asks the planner (`bridge.fit`) where the model would run
+at the target context, predicts how fast it writes and how long the first reply of a full context takes
+(`bridge.speed`, grounded in a measurement of this machine's CPU, `bridge.calibrate`), and ranks what fits
+by one score in nats. The policy, with its figures:
 
 1. **Memory.** The model gets the RAM the planner sees as available, but never more than the total less a
    desktop reserve of max(4 GiB, 25 % of the RAM) for the OS, the browser and SillyTavern itself (the guide:
-   "the biggest, least quantized model that fits in your memory, without swapping"). A 16 GB machine gives a
-   model 12 GiB, a 32 GB one 24 GiB.
-2. **Quality** = SIZE_NATS x ln(parameters) - quant loss. 0.36 nats per e-fold of parameters is the
-   Llama-3 8B -> 70B perplexity ratio (fit-reference 3.3). The quant loss is the mean KL divergence from F16
-   measured on Llama-3-8B (llama.cpp tools/perplexity/README.md), x0.4 for models trained before 2024 (they
-   lose 2.5-4x less, PR #6936), and weighted x3 for models of 14B and under. That weight is a policy choice,
-   not a measurement: perplexity and KLD understate what quantization costs in coherence, most for small
-   models (fit-reference 3.3 caveats), and the guide's "least quantized" matters most where there is least
-   to spare. With x1 a 9B at Q4_K_M and an 8B at Q5_K_M tie within 0.03 nats; with x3 the 8B at Q5_K_M
-   wins by 0.02. A q8_0 KV cache costs 0.00155 nats (llama.cpp#7412). MoE quality follows total
-   parameters, speed the active ones (Mixtral 8x7B: 46.7B for quality, 12.9B for speed).
-3. **Speed.** Decode time per token = bytes read on each device / (0.7 x its memory bandwidth), the
-   bytes being the weights a token uses (active experts only) plus half the KV cache (a chat midway).
-   Reading speed is about 6 tokens/s (fiction is read at ~260 words/min, Brysbaert 2019, at ~1.35
-   tokens a word): every e-fold of speed under it costs SLOW_NATS = 1 nat, a steep price, because a reply
-   that writes slower than one reads keeps the reader waiting on every line. Under half reading speed a
-   model is left out.
-4. **Placement.** On a machine with a GPU, a model that runs only partly on it (layers or experts in RAM) pays
-   PARTIAL_NATS = 0.35 nats, i.e. it has to be e^(0.35/0.36) = 2.6x the parameters of a model that runs
-   fully on the GPU to be preferred. The decode estimate already shows the CPU part's bandwidth limit; this
-   term stands for what it does not show: prompt processing of the CPU layers (the guide: CPU is ~15x slower
-   "especially during prompt processing"), host RAM taken from the desktop, and the speed lost to any other
-   program that takes VRAM (fit-reference 4.8).
-5. **Floors** (left out, with the reason): under 2.2 bits per weight for any model; for models of 14B and
-   under, 3-bit and 2-bit quants (the guide: "there are 3-bit and 2-bit quants, but at that point you're
-   beating a dead horse"; on Llama-3-8B the loss jumps from 0.036 at IQ4_XS to 0.087 at Q3_K_L); F16/BF16/F32
-   when the model has a Q8_0 (mean KLD 0.0014 at half the size).
+   "the biggest, least quantized model that fits in your memory, without swapping").
+2. **Quality** comes from published measurements (`bridge.quality`): the model's Arena rating, moved by its
+   role-play (UGI) figures, less what its quant loses (llama.cpp's KL-divergence tables). Parameter counts
+   only rank sizes within a family; a mixture of experts is rated by its measured quality, never by its
+   total parameters.
+3. **Writing speed.** Reading speed is about 6 tokens/s (fiction is read at ~260 words/min, Brysbaert
+   2019, at ~1.35 tokens a word): every e-fold of speed under it costs SLOW_NATS = 1 nat, because a reply
+   slower than one reads keeps the reader waiting on every line. Under half reading speed a model is left
+   out.
+4. **The first reply.** A new chat, or the chat after a swap, reads the whole context first; on a CPU
+   that takes minutes (the guide: ~15x slower than a GPU "especially during prompt processing"). A wait
+   up to WAIT_OK_S is free; every e-fold beyond costs WAIT_NATS = 0.25 nat, a quarter of the price of
+   slow writing because it is paid once per chat, not per reply (later turns reuse the cache). Over
+   MAX_WAIT_S a model is left out.
+5. **Placement.** On a machine with a GPU, a model that runs only partly on it pays PARTIAL_NATS = 0.35
+   nats (one e-fold of parameters): its host RAM is taken from the desktop, and any other program that
+   takes VRAM slows it further (fit-reference 4.8); the slower writing and first reply count above.
+6. **Floors** (left out, with the reason): no 2-bit quant (the guide: "there are even 3-bit and 2-bit
+   quants, but at that point you're beating a dead horse"); a 3-bit quant only where nothing at 4 bits or
+   more fits (among all models for a recommendation, among the model's own quants in the quant switcher);
+   F16/BF16/F32 when the model has a Q8_0 (mean KLD 0.0014 at half the size); vision and embedding models,
+   which are not chat models.
 
-Score = quality - speed cost - placement cost; ties go to the longer context, then the faster. Each model
-shows with its best quant; the best model is the pick and the others are runners-up, each with the reason
-it ranks lower.
+Score = quality - speed cost - wait cost - placement cost; ties go to the longer context, then the faster.
+Each model shows with its best quant; the best model is the pick, and every pick and runner-up says why
+in the guide's terms (`bridge.reasons`).
 
 The planner needs each file's tensor table. After `st-bridge catalog refresh` it is the exact one, read from
 the file's GGUF header on the Hub; before, it is laid out from the catalog's shape and the file's size
@@ -46,16 +42,15 @@ the file's GGUF header on the Hub; before, it is laid out from the catalog's sha
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import fit, library
+from . import fit, library, quality, reasons, speed
 from .catalog import FILE_BPW, Catalog, CatalogFile, CatalogModel, base_quant, layout_from_dict
 from .errors import BadRequest, NotFound
 from .gguf import ModelInfo, swa_layers_for
-from .hardware import HardwareReport, estimate_cpu_bandwidth, gb, what_if
+from .hardware import HardwareReport, gb, what_if
 
 DEFAULT_CTX = 8192
 GIB_MIB = 1024
@@ -64,65 +59,32 @@ GIB_MIB = 1024
 DESKTOP_RESERVE_MIN_MIB = 4 * GIB_MIB
 DESKTOP_RESERVE_FRACTION = 0.25
 
-# 2. quality
-SIZE_NATS = 0.36
-SMALL_MODEL_B = 14.5  # "14B and under", with room for 14.x-billion counts
-SMALL_MODEL_LOSS_WEIGHT = 3.0
-KV_LOSS = {"f16": 0.0, "q8_0": 0.00155}  # mean KLD, Llama-3-8B (llama.cpp#7412)
-
-# 3. speed
+# 3. writing speed
 READING_TOK_S = 6.0
 SLOW_NATS = 1.0
 MIN_TOK_S = READING_TOK_S / 2
-BANDWIDTH_EFFICIENCY = 0.7  # decode reaches 60-80 % of peak memory bandwidth (fit-reference 5.5.3)
-DEFAULT_GPU_BANDWIDTH_GBS = 448.0  # a mid-range card, when NVML could not tell
 
-# 4. placement
+# 4. the first reply
+WAIT_OK_S = 30.0
+WAIT_NATS = 0.25
+MAX_WAIT_S = 20 * 60.0
+
+# 5. placement
 PARTIAL_NATS = 0.35
 
-# 5. floors
-FLOOR_ANY_BPW = 2.2
-SMALL_MODEL_MIN_BITS = 4
+# A file larger than this share of all the memory a model may have cannot fit (weights are most of a plan);
+# the margin keeps files the planner might still place (page-cache weights, an embedding read by rows).
+ROOM_MARGIN = 1.1
 
-# Mean KL divergence vs F16 logits, Llama-3-8B, wikitext-2 (llama.cpp tools/perplexity/README.md).
-# IQ3_XS, IQ3_S, IQ2_S, Q2_K_S, Q4_1, Q5_0, Q5_1 are not in that table: interpolated between neighbours
-# by bits per weight, on a log scale.
-QUANT_KLD: dict[str, float] = {
-    "F32": 0.0,
-    "F16": 0.0,
-    "BF16": 0.0,
-    "Q8_0": 0.0014,
-    "Q6_K": 0.0055,
-    "Q5_K_M": 0.0108,
-    "Q5_K_S": 0.0166,
-    "Q5_1": 0.0140,
-    "Q5_0": 0.0190,
-    "Q4_K_M": 0.0313,
-    "Q4_K_S": 0.0431,
-    "IQ4_NL": 0.0357,
-    "IQ4_XS": 0.0363,
-    "Q4_1": 0.0550,
-    "Q4_0": 0.0719,
-    "Q3_K_L": 0.087,
-    "Q3_K_M": 0.102,
-    "IQ3_M": 0.103,
-    "IQ3_S": 0.120,
-    "IQ3_XS": 0.150,
-    "IQ3_XXS": 0.184,
-    "Q3_K_S": 0.228,
-    "Q2_K": 0.445,
-    "Q2_K_S": 0.500,
-    "IQ2_M": 0.326,
-    "IQ2_S": 0.430,
-    "IQ2_XS": 0.546,
-    "IQ2_XXS": 0.812,
-    "IQ1_M": 1.39,
-    "IQ1_S": 2.21,
-}
-# bartowski's _L / _XL files keep embeddings and output at Q8_0: a little better than the plain recipe.
-VARIANT_BONUS = 0.9
-FULL_PRECISION = frozenset({"F32", "F16", "BF16"})
+# 6. floors
+MIN_BITS = 3  # no 2-bit quant, ever
+GOOD_BITS = 4  # 3-bit only where nothing at 4 bits or more fits
 BADGES = {"full_gpu": "GPU", "partial_gpu": "GPU+CPU", "cpu_only": "CPU", "wont_fit": "too big"}
+NOT_CHAT = {
+    "vision": "a vision model (language weights with an image projector): kept for describing pictures, "
+              "not ranked as a chat model",
+    "embedding": "an embedding model (for SillyTavern's vector storage), not a chat model",
+}
 
 
 @dataclass
@@ -147,6 +109,10 @@ class Candidate:
     n_cpu_moe: int = 0
     speed_cost: float = 0.0
     placement_cost: float = 0.0
+    wait_cost: float = 0.0
+    prompt_tok_s: float = 0.0  # reading a prompt that fills the context
+    first_reply_s: float = 0.0  # the whole context read, then the first token
+    rating: dict[str, Any] = field(default_factory=dict)  # quality.Rating.to_dict(), plus "at_quant"
     license: str | None = None
     prompt_format: str | None = None
     memory: dict[str, float] = field(default_factory=dict)  # gpu_mib, ram_mib
@@ -155,17 +121,24 @@ class Candidate:
 
     @property
     def score(self) -> float:
-        return self.quality - self.speed_cost - self.placement_cost
+        return self.quality - self.speed_cost - self.wait_cost - self.placement_cost
 
     @property
     def badge(self) -> str:
         return BADGES.get(self.verdict, self.verdict)
 
+    @property
+    def points(self) -> float:
+        """The rating this file keeps at its quant (the Arena's scale)."""
+        return float(self.rating.get("at_quant", 0.0))
+
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["size_mib"] = round(self.size_mib)
         d["expected_tok_s"] = round(self.expected_tok_s, 1)
-        for key in ("quality", "speed_cost", "placement_cost"):
+        d["prompt_tok_s"] = round(self.prompt_tok_s, 1)
+        d["first_reply_s"] = round(self.first_reply_s, 1)
+        for key in ("quality", "speed_cost", "placement_cost", "wait_cost"):
             d[key] = round(d[key], 4)
         d["score"] = round(self.score, 4)
         d["badge"] = self.badge
@@ -179,12 +152,14 @@ class Recommendation:
     left_out: list[Candidate]  # with `left_out` saying why
     n_ctx: int
     ram_for_model_mib: float
+    speeds: str = ""  # where the CPU's speed figures come from (measured here, or estimated)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "best": self.best.to_dict() if self.best else None,
             "n_ctx": self.n_ctx,
             "ram_for_model_mib": round(self.ram_for_model_mib),
+            "speeds": self.speeds,
             "candidates": [c.to_dict() for c in self.candidates],
             "left_out": [
                 {"repo": c.repo, "file": c.file, "quant": c.quant, "verdict": c.verdict, "reason": c.left_out}
@@ -228,40 +203,96 @@ def recommend(
     *,
     n_ctx: int = DEFAULT_CTX,
     limit: int | None = None,
+    cpu: speed.CpuSpeed | None = None,
 ) -> Recommendation:
-    """Rank every catalog (model, quant) for this machine at this context."""
+    """Rank every catalog chat model (each at its best quant) for this machine at this context.
+
+    `cpu`: this machine's measured CPU figures (`calibrate.cpu_speed`); None estimates them from the report.
+    """
     if n_ctx < 256:
         raise BadRequest(f"a context of {n_ctx} tokens is too small to chat; use 2048 or more")
+    cpu = cpu or speed.CpuSpeed.estimated(report)
     budget = budget_for(report)
     fitting: list[Candidate] = []
     left_out: list[Candidate] = []
     for model in catalog.models:
-        for f in model.files:
-            c = evaluate(model, f, report, budget, n_ctx)
+        for c in _evaluate_model(model, report, budget, n_ctx, cpu):
             (left_out if c.left_out else fitting).append(c)
+    fitting, floored = three_bit_floor(fitting)
     best_per_model: dict[str, Candidate] = {}
     for c in sorted(fitting, key=_rank_key, reverse=True):
         best_per_model.setdefault(c.repo, c)
     ranked = list(best_per_model.values())
-    _explain_ranking(ranked)
+    reasons.explain_ranking(ranked, n_ctx)
     if limit:
         ranked = ranked[:limit]
     return Recommendation(
         best=ranked[0] if ranked else None,
         candidates=ranked,
-        left_out=left_out,
+        left_out=left_out + floored,
         n_ctx=n_ctx,
         ram_for_model_mib=budget.ram_usable,
+        speeds=cpu.note,
     )
 
 
+def _evaluate_model(model: CatalogModel, report: HardwareReport, budget: fit.Budget, n_ctx: int,
+                    cpu: speed.CpuSpeed) -> list[Candidate]:
+    """Every file of a model, planning only those that can be recommended: the planner is most of the
+    time a recommendation takes, so a file a floor leaves out anyway, a file bigger than all the memory
+    there is, or a quant bigger than one that already does not fit is left out without a plan."""
+    out: list[Candidate] = []
+    too_big: Candidate | None = None
+    room = sum(budget.gpu_usable) + max(budget.ram_usable, 0)
+    for f in sorted(model.files, key=lambda x: x.size_bytes):
+        floor = _floor(model, f) if model.kind == "chat" else None
+        if floor is not None:
+            out.append(_unplanned(model, f, floor, "not_planned"))
+        elif too_big is not None:
+            why = f"does not fit: bigger than its {too_big.quant} file, which already does not fit"
+            out.append(_unplanned(model, f, why, "wont_fit"))
+        elif model.kind == "chat" and f.size_mib > ROOM_MARGIN * room:
+            kept = gb(round(desktop_reserve_mib(report)))
+            why = (f"does not fit: the file alone is {gb(round(f.size_mib))}, more than the "
+                   f"{gb(round(room))} this machine can give a model (keeping {kept} of RAM for the "
+                   "system, browser and SillyTavern)")
+            out.append(_unplanned(model, f, why, "wont_fit"))
+        else:
+            c = evaluate(model, f, report, budget, n_ctx, cpu)
+            too_big = c if c.verdict == "wont_fit" else None
+            out.append(c)
+    return out
+
+
+def three_bit_floor(fitting: list[Candidate]) -> tuple[list[Candidate], list[Candidate]]:
+    """3-bit quants only where nothing at 4 bits or more fits: (kept, left out with the reason)."""
+    better = [c for c in fitting if (quality.nominal_bits(c.quant) or 16) >= GOOD_BITS]
+    if not better:
+        return fitting, []
+    example = max(better, key=_rank_key)
+    kept, floored = [], []
+    for c in fitting:
+        if (quality.nominal_bits(c.quant) or 16) < GOOD_BITS:
+            c.left_out = (f"a 3-bit quant: the guide's floor is 4 bits where something better fits, and "
+                          f"{example.name} fits at {example.quant}")
+            floored.append(c)
+        else:
+            kept.append(c)
+    return kept, floored
+
+
 def quants(
-    catalog: Catalog, repo: str, report: HardwareReport, *, n_ctx: int = DEFAULT_CTX
+    catalog: Catalog, repo: str, report: HardwareReport, *, n_ctx: int = DEFAULT_CTX,
+    cpu: speed.CpuSpeed | None = None,
 ) -> list[Candidate]:
-    """Every quant of one catalog model with its verdict, speed and score, smallest first."""
+    """Every quant of one catalog model with its verdict, speed and score, smallest first. Its 3-bit
+    quants are left out when one of its quants at 4 bits or more fits."""
     model = catalog.get(repo)
     budget = budget_for(report)
-    return [evaluate(model, f, report, budget, n_ctx) for f in model.files]
+    cpu = cpu or speed.CpuSpeed.estimated(report)
+    options = [evaluate(model, f, report, budget, n_ctx, cpu) for f in model.files]
+    three_bit_floor([c for c in options if not c.left_out])
+    return options
 
 
 def best_quant(candidates: list[Candidate]) -> Candidate | None:
@@ -271,7 +302,8 @@ def best_quant(candidates: list[Candidate]) -> Candidate | None:
 
 
 def model_quants(
-    catalog: Catalog, models_dir: Path, model: str, report: HardwareReport, *, n_ctx: int = DEFAULT_CTX
+    catalog: Catalog, models_dir: Path, model: str, report: HardwareReport, *, n_ctx: int = DEFAULT_CTX,
+    cpu: speed.CpuSpeed | None = None,
 ) -> dict[str, Any]:
     """The quant switcher: the quants of a catalog repository or of a local model's repository.
 
@@ -280,7 +312,7 @@ def model_quants(
     """
     repo = repo_of(catalog, models_dir, model)
     local = _local_files(models_dir, repo)
-    options = quants(catalog, repo, report, n_ctx=n_ctx)
+    options = quants(catalog, repo, report, n_ctx=n_ctx, cpu=cpu)
     for c in options:
         c.local_id = local.get(Path(c.file).name)
     best = best_quant(options)
@@ -321,19 +353,28 @@ def _local_files(models_dir: Path, repo: str) -> dict[str, str]:
     return found
 
 
+def _rank_key(c: Candidate) -> tuple[float, float, float]:
+    return (c.score, c.n_ctx, c.expected_tok_s)
+
+
 # --- one candidate -------------------------------------------------------------------------------------
 
 
 def evaluate(
-    model: CatalogModel, f: CatalogFile, report: HardwareReport, budget: fit.Budget, n_ctx: int
+    model: CatalogModel, f: CatalogFile, report: HardwareReport, budget: fit.Budget, n_ctx: int,
+    cpu: speed.CpuSpeed | None = None,
 ) -> Candidate:
+    if model.kind != "chat":
+        return _not_chat(model, f)
+    cpu = cpu or speed.CpuSpeed.estimated(report)
     layout, source = planner_input(model, f)
     ctx = min(n_ctx, layout.info.n_ctx_train or n_ctx)
     verdict, bd = fit.choose(layout, fit.FitParams(n_ctx=ctx), budget)
     plan = fit.Plan(verdict, "", bd, None, None, ctx, model.name, budget)
-    reason = fit.explain(plan) if verdict != "wont_fit" else _too_big(bd, budget, report)
-    embd_mib = 0 if layout.info.tied_output else layout.token_embd / fit.MIB
-    tok_s = expected_tok_s(bd, model, report, embd_mib) if verdict != "wont_fit" else 0.0
+    fits = verdict != "wont_fit"
+    reason = fit.explain(plan) if fits else _too_big(bd, budget, report)
+    predicted = speed.predict(speed.ModelCost.of(layout), bd, report, cpu) if fits else None
+    rated = quality.rating(model)
     c = Candidate(
         repo=model.repo,
         name=model.name,
@@ -349,9 +390,11 @@ def evaluate(
         n_ctx=bd.n_ctx,
         kv_type=bd.kv_type_k,
         n_cpu_moe=bd.n_cpu_moe,
-        expected_tok_s=tok_s,
-        quality=quality(model, f, bd.kv_type_k),
-        speed_cost=speed_cost(tok_s),
+        expected_tok_s=predicted.decode_tok_s if predicted else 0.0,
+        prompt_tok_s=predicted.prompt_tok_s if predicted else 0.0,
+        first_reply_s=predicted.first_reply_s if predicted else math.inf,
+        quality=quality.quality_nats(model, f.quant, bd.kv_type_k),
+        rating=rated.to_dict() | {"at_quant": round(quality.points_at(model, f.quant, bd.kv_type_k), 1)},
         placement_cost=PARTIAL_NATS if report.usable_gpus and verdict != "full_gpu" else 0.0,
         reason=reason,
         planner_input=source,
@@ -359,8 +402,25 @@ def evaluate(
         prompt_format=model.prompt_format,
         memory={"gpu_mib": round(sum(d.total_mib for d in bd.gpus)), "ram_mib": round(bd.host.total_mib)},
     )
+    c.speed_cost = speed_cost(c.expected_tok_s)
+    c.wait_cost = wait_cost(c.first_reply_s)
     c.left_out = _exclusion(model, f, c)
     return c
+
+
+def _not_chat(model: CatalogModel, f: CatalogFile) -> Candidate:
+    why = NOT_CHAT.get(model.kind, f"a {model.kind} model, not a chat model")
+    return _unplanned(model, f, why, "not_ranked")
+
+
+def _unplanned(model: CatalogModel, f: CatalogFile, why: str, verdict: str) -> Candidate:
+    """A file left out before planning it: `why` says what left it out."""
+    return Candidate(
+        repo=model.repo, name=model.name, file=f.file, quant=f.quant, params_b=model.params_b,
+        active_params_b=model.active_params_b, size_mib=f.size_mib, size_exact=f.exact, verdict=verdict,
+        gpu_layers=0, n_layer=0, n_ctx=0, kv_type="f16", expected_tok_s=0.0, quality=0.0, reason=why,
+        planner_input="none", left_out=why, first_reply_s=math.inf,
+    )
 
 
 def _too_big(bd: fit.Breakdown, budget: fit.Budget, report: HardwareReport) -> str:
@@ -372,26 +432,18 @@ def _too_big(bd: fit.Breakdown, budget: fit.Budget, report: HardwareReport) -> s
     )
 
 
-def quant_loss(model: CatalogModel, quant: str) -> float:
-    """Nats per token lost to the weights' quantization (policy 2)."""
-    q = quant.upper()
-    kld = QUANT_KLD.get(q)
-    if kld is None:
-        kld = QUANT_KLD.get(base_quant(q), QUANT_KLD["Q2_K"]) * VARIANT_BONUS
-    weight = SMALL_MODEL_LOSS_WEIGHT if model.params_b <= SMALL_MODEL_B else 1.0
-    return weight * model.quant_sensitivity * kld
-
-
-def quality(model: CatalogModel, f: CatalogFile, kv_type: str = "f16") -> float:
-    size = SIZE_NATS * math.log(max(model.params_b, 0.01))
-    return size - quant_loss(model, f.quant) - KV_LOSS.get(kv_type, 0.0)
-
-
 def speed_cost(tok_s: float) -> float:
     """Nats for writing slower than one reads (policy 3)."""
     if tok_s <= 0:
         return math.inf
     return SLOW_NATS * max(0.0, math.log(READING_TOK_S / tok_s))
+
+
+def wait_cost(first_reply_s: float) -> float:
+    """Nats for a first reply (a full context read) that takes longer than WAIT_OK_S (policy 4)."""
+    if not math.isfinite(first_reply_s):
+        return math.inf
+    return WAIT_NATS * max(0.0, math.log(max(first_reply_s, 1e-9) / WAIT_OK_S))
 
 
 def bits_per_weight(model: CatalogModel, f: CatalogFile) -> float:
@@ -400,107 +452,37 @@ def bits_per_weight(model: CatalogModel, f: CatalogFile) -> float:
     )
 
 
-def nominal_bits(quant: str) -> int | None:
-    """The bit class a quant's name gives: Q3_K_M and IQ3_XS -> 3, Q8_0 -> 8, F16 -> 16."""
-    q = base_quant(quant)
-    if q in FULL_PRECISION:
-        return 32 if q == "F32" else 16
-    found = re.match(r"I?Q(\d)", q)
-    return int(found[1]) if found else None
-
-
-def expected_tok_s(
-    bd: fit.Breakdown, model: CatalogModel, report: HardwareReport, embd_mib: float = 0
-) -> float:
-    """Decode speed: every token reads the weights it uses and half the context's KV cache (a chat midway).
-
-    The token embedding (on the host) is read one row per token, so it does not count, unless the output
-    layer shares it (tied embeddings).
-    """
-    active = model.active_params_b / model.params_b if model.params_b else 1.0
-    seconds = 0.0
-    for dev, gpu in zip(bd.gpus, report.usable_gpus, strict=False):
-        bw = (gpu.bandwidth_gbs or DEFAULT_GPU_BANDWIDTH_GBS) * 1e9 * BANDWIDTH_EFFICIENCY
-        seconds += (dev.weights_mib * active + dev.kv_mib / 2) * fit.MIB / bw
-    cpu_bw = (report.cpu_bandwidth_gbs or estimate_cpu_bandwidth(report.cpu.cores_physical)) * 1e9
-    seconds += (
-        (max(bd.host.weights_mib - embd_mib, 0) * active + bd.host.kv_mib / 2)
-        * fit.MIB
-        / (cpu_bw * BANDWIDTH_EFFICIENCY)
-    )
-    return 1.0 / seconds if seconds > 0 else 0.0
+def _floor(model: CatalogModel, f: CatalogFile) -> str | None:
+    """Why this quant is never recommended, whatever the machine (policy 6); None if it may be."""
+    bits = quality.nominal_bits(f.quant)
+    if bits is not None and bits < MIN_BITS:
+        return (
+            f"a {bits}-bit quant ({bits_per_weight(model, f):.1f} bits per weight): never recommended "
+            "(the guide: at that point \"you're beating a dead horse\"; mean KLD "
+            f"{quality.QUANT_KLD.get(base_quant(f.quant), 0):.2f} vs 0.03 at Q4_K_M on Llama-3-8B)"
+        )
+    if base_quant(f.quant) in quality.FULL_PRECISION and any(x.quant.upper() == "Q8_0" for x in model.files):
+        return "Q8_0 of this model is as good (mean KLD 0.0014) at half the size"
+    return None
 
 
 def _exclusion(model: CatalogModel, f: CatalogFile, c: Candidate) -> str | None:
     if c.verdict == "wont_fit":
         return c.reason
-    bpw = bits_per_weight(model, f)
-    if bpw < FLOOR_ANY_BPW:
-        return f"{bpw:.1f} bits per weight is under the {FLOOR_ANY_BPW} floor: too much quality lost"
-    bits = nominal_bits(f.quant)
-    if model.params_b <= SMALL_MODEL_B and bits is not None and bits < SMALL_MODEL_MIN_BITS:
-        return (
-            f"a {bits}-bit quant of a {model.params_b:g}B model: small models lose too much under 4 bits "
-            f"(mean KLD {QUANT_KLD.get(base_quant(f.quant), 0):.3f} vs 0.036 at IQ4_XS on Llama-3-8B)"
-        )
-    if base_quant(f.quant) in FULL_PRECISION and any(x.quant.upper() == "Q8_0" for x in model.files):
-        return "Q8_0 of this model is as good (mean KLD 0.0014) at half the size"
+    floor = _floor(model, f)
+    if floor is not None:
+        return floor
     if c.expected_tok_s < MIN_TOK_S:
         return (
             f"about {c.expected_tok_s:.1f} tokens/s expected, under half reading speed "
             f"({MIN_TOK_S:g} tokens/s): too slow to chat"
         )
+    if c.first_reply_s > MAX_WAIT_S:
+        return (
+            f"the first reply of a new chat would come after {speed.describe_wait(c.first_reply_s)} "
+            f"(reading {c.n_ctx} tokens at ~{c.prompt_tok_s:.0f} tokens/s): too long to wait"
+        )
     return None
-
-
-def _rank_key(c: Candidate) -> tuple[float, float, float]:
-    return (c.score, c.n_ctx, c.expected_tok_s)
-
-
-# --- reasons -------------------------------------------------------------------------------------------
-
-
-def _explain_ranking(ranked: list[Candidate]) -> None:
-    if not ranked:
-        return
-    top = ranked[0]
-    top.reason = f"best pick: {_describe(top)}; {top.reason}"
-    for c in ranked[1:]:
-        c.reason = f"runner-up ({_why_lower(c, top)}): {_describe(c)}; {c.reason}"
-
-
-def _why_lower(c: Candidate, top: Candidate) -> str:
-    """The term of the score that puts `c` under the best pick, in words."""
-    bigger = c.params_b > top.params_b
-    if c.placement_cost > top.placement_cost and bigger:
-        return (
-            f"bigger, but only partly on the GPU (~{c.expected_tok_s:.0f} vs ~{top.expected_tok_s:.0f} "
-            f"tokens/s): worth it only at {math.exp(PARTIAL_NATS / SIZE_NATS):.1f}x the parameters"
-        )
-    if c.speed_cost > top.speed_cost + 0.01:
-        return (
-            f"{'bigger, but ' if bigger else ''}writes ~{c.expected_tok_s:.1f} tokens/s, slower than "
-            f"reading speed (~{READING_TOK_S:g})"
-        )
-    if c.placement_cost > top.placement_cost:
-        return "only partly on the GPU"
-    if bigger:
-        return f"bigger, but more quantized: {c.quant} loses more than it gains"
-    if c.params_b < top.params_b:
-        return "smaller"
-    return "as good, another model" if c.quant == top.quant else f"same size, at {c.quant}"
-
-
-def _describe(c: Candidate) -> str:
-    size = f"{c.params_b:g}B" + (
-        f" ({c.active_params_b:g}B active)" if c.active_params_b < c.params_b else ""
-    )
-    where = {
-        "full_gpu": "fully on the GPU",
-        "partial_gpu": "partly on the GPU",
-        "cpu_only": "on the CPU",
-    }.get(c.verdict, c.verdict)
-    return f"{c.name}, {size} at {c.quant}, {where}, ~{c.expected_tok_s:.0f} tokens/s"
 
 
 # --- the planner's input -------------------------------------------------------------------------------

@@ -187,7 +187,7 @@ export function contextChoices(trained, current, fitsUpTo) {
  * A recommendation as the panel shows it (an entry of GET /recommend's `candidates`).
  * @param {any} item
  * @returns {{key: string, name: string, quant: string, repo: string, file: string, localId: string | null,
- *   verdict: string, reason: string, speed: string, size: string}}
+ *   verdict: string, reason: string, speed: string, wait: string, size: string}}
  */
 export function describeCandidate(item) {
     const file = String(item.file ?? '');
@@ -203,8 +203,22 @@ export function describeCandidate(item) {
         verdict: item.verdict ?? item.fit?.verdict ?? '',
         reason: item.reason ?? item.fit?.reason ?? '',
         speed: item.expected_tok_s ? `~${Math.round(item.expected_tok_s)} tok/s` : '',
+        // a new chat (or the chat after a swap) reads the whole context before the first word
+        wait: item.first_reply_s ? `first reply ${formatWait(item.first_reply_s)} at ${formatCtx(item.n_ctx)}` : '',
         size: sizeBytes ? formatBytes(sizeBytes) : '',
     };
+}
+
+/**
+ * A wait as a person says it, as the bridge's reasons do: "~4 s", "~2 min", "~1.5 h".
+ * @param {number} seconds
+ * @returns {string}
+ */
+export function formatWait(seconds) {
+    if (seconds < 1) return `~${seconds.toFixed(1)} s`;
+    if (seconds < 90) return `~${Math.round(seconds)} s`;
+    if (seconds < 5400) return `~${Math.round(seconds / 60)} min`;
+    return `~${(seconds / 3600).toFixed(1)} h`;
 }
 
 /**

@@ -63,7 +63,7 @@ function renderCandidate(controller, item, index) {
         .append($('<b></b>').text(`${index + 1}. ${item.name}`))
         .append($('<span class="st-bridge-quant"></span>').text(item.quant))
         .append($(`<span class="st-bridge-badge st-bridge-${badge.cls}"></span>`).text(badge.label));
-    const facts = [item.speed, item.size].filter(Boolean).join(' · ');
+    const facts = [item.speed, item.wait, item.size].filter(Boolean).join(' · ');
     row.append(title);
     if (item.reason) row.append($('<div class="st-bridge-details"></div>').text(item.reason));
     if (facts) row.append($('<div class="st-bridge-details"></div>').text(facts));

@@ -30,7 +30,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .. import catalog, library, recommend
+from .. import calibrate, catalog, library, recommend, speed
 from ..downloads import DownloadManager
 from ..errors import BadRequest, Conflict, HubUnavailable
 from ..events import EventBus
@@ -161,7 +161,7 @@ def _recommend(
 ) -> dict[str, Any]:
     report = _machine(app, gpu_mib, ram_mib)
     cat = catalog.load(app[SETTINGS_KEY].data_dir)
-    return recommend.recommend(cat, report, n_ctx=n_ctx, limit=limit).to_dict()
+    return recommend.recommend(cat, report, n_ctx=n_ctx, limit=limit, cpu=_cpu(app, report)).to_dict()
 
 
 @routes.get("/bridge/v1/models/{id:.+}/quants")
@@ -175,7 +175,15 @@ async def get_quants(request: web.Request) -> web.Response:
 def _quants(app: web.Application, model: str, n_ctx: int) -> dict[str, Any]:
     settings = app[SETTINGS_KEY]
     cat = catalog.load(settings.data_dir)
-    return recommend.model_quants(cat, settings.models_path, model, _machine(app, None, None), n_ctx=n_ctx)
+    report = _machine(app, None, None)
+    cpu = _cpu(app, report)
+    return recommend.model_quants(cat, settings.models_path, model, report, n_ctx=n_ctx, cpu=cpu)
+
+
+def _cpu(app: web.Application, report: HardwareReport) -> speed.CpuSpeed:
+    """This machine's CPU figures: measured on the first recommendation (`speed_probe`), then cached."""
+    settings = app[SETTINGS_KEY]
+    return calibrate.cpu_speed(settings.data_dir, report, measure_missing=settings.speed_probe)
 
 
 def _machine(app: web.Application, gpu_mib: list[int] | None, ram_mib: int | None) -> HardwareReport:
