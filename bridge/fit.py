@@ -811,32 +811,35 @@ def layer_segments(graphs: Sequence[BlockGraph], blocks: Sequence[int],
 
 
 def compute_buffers(segments: Sequence[Segment], output: int, n_gpu: int, inputs: GraphInputs, logits: float,
-                    out_weight: float, n_ubatch: int) -> tuple[list[float], float]:
+                    out_weight: float, n_ubatch: int,
+                    offload_gpu: int | None = 0) -> tuple[list[float], float]:
     """Compute buffer of each GPU and of the host, for the blocks in layer order (-1: the host) and the
-    output layer on `output`. Blocks in RAM run on the first GPU when the batch is large enough, as do
-    experts kept in RAM and an output layer kept there. With several GPUs and everything on them llama.cpp
-    runs the pipeline in parallel, unless tensors are overridden (experts in RAM)."""
-    offload = n_gpu > 0 and n_ubatch >= OFFLOAD_MIN_BATCH
+    output layer on `output`. Blocks in RAM run on the first GPU that takes offloaded ops (`offload_gpu`;
+    None: none does, as with only RPC devices, whose backend offloads nothing) when the batch is large
+    enough, as do experts kept in RAM and an output layer kept there. With several GPUs and everything on
+    them llama.cpp runs the pipeline in parallel, unless tensors are overridden (experts in RAM)."""
+    offload = n_gpu > 0 and offload_gpu is not None and n_ubatch >= OFFLOAD_MIN_BATCH
+    first = offload_gpu if offload and offload_gpu is not None else 0
     gpu_runs: list[list[list[Any]]] = [[] for _ in range(n_gpu)]
     host_runs: list[list[Any]] = []
     for device, count, experts, b in segments:
         away = experts and b.router > 0
         if device < 0 and offload:
-            _add(gpu_runs[0], COPIED, b, count)
+            _add(gpu_runs[first], COPIED, b, count)
             _add(host_runs, STORE, b, count)
         elif device < 0:
             _add(host_runs, NATIVE, b, count)
-        elif away and (not offload or device > 0):  # its experts run on the CPU, or on the first GPU
+        elif away and (not offload or device != first):  # its experts run on the CPU, or on the first GPU
             _add(gpu_runs[device], EXPERTS_GPU0 if offload else EXPERTS_AWAY, b, count)
-            _add(gpu_runs[0] if offload else host_runs, REMOTE_EXPERTS, b, count)
+            _add(gpu_runs[first] if offload else host_runs, REMOTE_EXPERTS, b, count)
         else:
             _add(gpu_runs[device], EXPERTS if away else NATIVE, b, count)
     devices = [device for device, count, _, _ in segments if count]
-    last_gpu = devices[-1] if devices and devices[-1] >= 0 else 0 if offload else -1
-    out_gpu = output if output >= 0 else 0 if offload else -1
+    last_gpu = devices[-1] if devices and devices[-1] >= 0 else first if offload else -1
+    out_gpu = output if output >= 0 else first if offload else -1
     full = output >= 0 and min(devices, default=0) >= 0
     pipeline = n_gpu > 1 and full and not any(experts for _, count, experts, _ in segments if count)
-    norm_in, norm_out = _handoffs(devices, n_gpu, offload and not full)
+    norm_in, norm_out = _handoffs(devices, n_gpu, offload and not full, first)
     gpus = [gpu_compute_bytes(_frozen(runs), inputs, g == last_gpu, logits if g == out_gpu else 0.0,
                               out_weight if g == out_gpu and output < 0 else 0.0, pipeline, norm_in[g],
                               norm_out[g]) for g, runs in enumerate(gpu_runs)]
@@ -873,13 +876,14 @@ def _as_run(b: BlockGraph, how: int) -> BlockGraph:
                    w_experts=experts)
 
 
-def _handoffs(devices: Sequence[int], n_gpu: int, partial: bool) -> tuple[list[bool], list[bool]]:
+def _handoffs(devices: Sequence[int], n_gpu: int, partial: bool,
+              first: int = 0) -> tuple[list[bool], list[bool]]:
     """GPUs whose first block's input norm runs on the GPU before, and those GPUs: with partial offload
     llama.cpp does not pin norms to their layer's device, and the scheduler extends the previous GPU.
     `devices`: the device of each segment of blocks, in layer order."""
     norm_in, norm_out = [False] * n_gpu, [False] * n_gpu
     if partial:
-        runner = [max(d, 0) for d in devices]  # with op offload the first GPU runs the blocks in RAM
+        runner = [d if d >= 0 else first for d in devices]  # with op offload, the first GPU runs RAM's blocks
         for i in range(1, len(devices)):
             if devices[i] >= 0 and runner[i] != runner[i - 1]:
                 norm_in[runner[i]] = norm_out[runner[i - 1]] = True
@@ -951,11 +955,11 @@ class Breakdown:
 
 
 def memory_breakdown(model: ModelLayout | GGUFHeader, params: FitParams, gpu_free: Sequence[float] = (),
-                     cpu_repack: bool = True) -> Breakdown:
+                     cpu_repack: bool = True, offload_gpu: int | None = 0) -> Breakdown:
     """MiB per device for one configuration. `gpu_free` lists each GPU's free MiB (it decides the split
     between GPUs); empty means a CPU-only build. `cpu_repack`: the CPU has AVX2 (section 8 of the
     reference: Q4_0/Q4_K/IQ4_NL matrices are copied into a faster layout)."""
-    return LayerTable(as_layout(model)).breakdown(params, gpu_free, cpu_repack)
+    return LayerTable(as_layout(model)).breakdown(params, gpu_free, cpu_repack, offload_gpu)
 
 
 def _block_sums(block: Sequence[Matrix]) -> tuple[int, int, int, int]:
@@ -1048,9 +1052,9 @@ class LayerTable:
         )
 
     def compute(self, att: Attention, t: _AttentionTable, spans: _Spans, n_cpu_moe: int,
-                n_gpu: int) -> tuple[list[float], float]:
+                n_gpu: int, offload_gpu: int | None = 0) -> tuple[list[float], float]:
         """`compute_buffers` for blocks placed as `spans` say."""
-        key = (att, spans, n_cpu_moe, n_gpu)
+        key = (att, spans, n_cpu_moe, n_gpu, offload_gpu)
         if key not in self._compute:
             host_end, ranges, output = spans
             cuts = [(0, -1), (host_end, -1)] + [(a, g) for g, (a, b) in enumerate(ranges) if b > a]
@@ -1060,10 +1064,14 @@ class LayerTable:
                 device = device if d == -2 else d
                 if a < b <= self.info.n_layer:
                     segments.append((device, b - a, a < n_cpu_moe, t.graphs[a]))
-            self._compute[key] = compute_buffers(segments, output, n_gpu, t.inputs, *t.output, att.n_ubatch)
+            self._compute[key] = compute_buffers(segments, output, n_gpu, t.inputs, *t.output, att.n_ubatch,
+                                                 offload_gpu)
         return self._compute[key]
 
-    def breakdown(self, params: FitParams, gpu_free: Sequence[float], cpu_repack: bool) -> Breakdown:
+    def breakdown(self, params: FitParams, gpu_free: Sequence[float], cpu_repack: bool,
+                  offload_gpu: int | None = 0) -> Breakdown:
+        """`offload_gpu`: the GPU that runs large-batch work of weights kept in RAM (the first local one;
+        None when every device is an RPC device, which llama.cpp never offloads ops to)."""
         info = self.info
         att = self.attention(params)
         ngl = info.n_layer + 1 if params.gpu_layers is None else params.gpu_layers
@@ -1072,7 +1080,7 @@ class LayerTable:
             n_cpu_moe = 0
         spans = _spans(info.n_layer, ngl, tuple(gpu_free))
         t = self.for_attention(att)
-        gpu_compute, host_compute = self.compute(att, t, spans, n_cpu_moe, len(gpu_free))
+        gpu_compute, host_compute = self.compute(att, t, spans, n_cpu_moe, len(gpu_free), offload_gpu)
         gpus = [self._gpu_memory(t, spans, g, n_cpu_moe, gpu_compute[g]) for g in range(len(gpu_free))]
         host = self._host_memory(att, t, spans, n_cpu_moe, cpu_repack, host_compute)
         ngl = 0 if not gpu_free else max(0, min(ngl, info.n_layer + 1))
@@ -1153,6 +1161,7 @@ class Budget:
     # The last device (llama.cpp gives it the output layer) is on another machine: the output layer stays
     # here, so the logits (n_vocab floats a token) never cross the network.
     output_stays_local: bool = False
+    offload_gpu: int | None = 0  # the first GPU llama.cpp sends large-batch work to: RPC devices take none
     # Per GPU: its memory is the RAM (Apple silicon, an integrated GPU). What it holds comes out of
     # `ram_usable` too, and its `gpu_usable` is already capped by the RAM budget.
     unified: list[bool] = field(default_factory=list)
@@ -1178,6 +1187,7 @@ def budget_for(report: HardwareReport, extra_host_mib: float = 0.0) -> Budget:
     return Budget([float(g.free_mib) for g in gpus], usable, ram_usable,
                   report.cpu.avx2, list(gpus), [gpu_overhead_mib(g) for g in gpus],
                   output_stays_local=bool(gpus) and is_remote(gpus[-1]),
+                  offload_gpu=next((g for g, gpu in enumerate(gpus) if not gpu.rpc_endpoint), None),
                   unified=[g.unified for g in gpus])
 
 
@@ -1350,7 +1360,7 @@ def _breakdown(table: LayerTable, params: FitParams, budget: Budget) -> Breakdow
     n_layer = table.info.n_layer
     if budget.output_stays_local and (params.gpu_layers is None or params.gpu_layers > n_layer):
         params = replace(params, gpu_layers=n_layer)
-    bd = table.breakdown(params, budget.gpu_free, budget.cpu_repack)
+    bd = table.breakdown(params, budget.gpu_free, budget.cpu_repack, budget.offload_gpu)
     for device, overhead in zip(bd.gpus, budget.gpu_overhead, strict=False):
         device.overhead_mib = overhead
     return bd

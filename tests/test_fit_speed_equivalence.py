@@ -26,7 +26,7 @@ GPU_SPLITS: list[tuple[float, ...]] = [(), (8000.0,), (24000.0,), (81000.0,), (0
 
 
 def reference_breakdown(layout: ModelLayout, params: FitParams, gpu_free: Sequence[float] = (),
-                        cpu_repack: bool = True) -> fit.Breakdown:
+                        cpu_repack: bool = True, offload_gpu: int | None = 0) -> fit.Breakdown:
     """`memory_breakdown` as a loop over the layers and the matrices of each, with no table."""
     info = layout.info
     att = fit.resolve_attention(params, info)
@@ -39,7 +39,7 @@ def reference_breakdown(layout: ModelLayout, params: FitParams, gpu_free: Sequen
     segments = fit.layer_segments(graphs, where.blocks, where.experts_on_host)
     inputs, (logits, out_weight) = fit.graph_inputs(info, att), fit.output_bytes(layout, att)
     gpu_compute, host_compute = fit.compute_buffers(segments, where.output, len(gpu_free), inputs, logits,
-                                                    out_weight, att.n_ubatch)
+                                                    out_weight, att.n_ubatch, offload_gpu)
     gpus = [_gpu_memory(layout, att, where, g, gpu_compute[g]) for g in range(len(gpu_free))]
     host = _host_memory(layout, att, where, cpu_repack, host_compute)
     ngl = 0 if not gpu_free else max(0, min(ngl, info.n_layer + 1))
@@ -94,8 +94,8 @@ def use_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     """From here on every breakdown the planner asks for comes from the reference, not the tables."""
 
     def breakdown(self: fit.LayerTable, params: FitParams, gpu_free: Sequence[float],
-                  cpu_repack: bool) -> fit.Breakdown:
-        return reference_breakdown(self.layout, params, gpu_free, cpu_repack)
+                  cpu_repack: bool, offload_gpu: int | None = 0) -> fit.Breakdown:
+        return reference_breakdown(self.layout, params, gpu_free, cpu_repack, offload_gpu)
 
     monkeypatch.setattr(fit.LayerTable, "breakdown", breakdown)
 

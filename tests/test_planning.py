@@ -133,3 +133,24 @@ def test_differences_over_five_percent_or_64_mib_are_reported() -> None:
     assert "planned 400.0 MiB, llama.cpp allocated 550.0 MiB" in str(differences[0])
     # a device that got buffers without being planned is a difference of its own
     assert {d.device for d in compare({"CPU": planned["CPU"]}, found)} == {"RPC0"}
+
+
+def test_large_batch_work_of_layers_in_ram_goes_to_the_first_local_gpu_never_to_a_worker(
+        llama8b_path: Path) -> None:
+    """llama.cpp's RPC backend takes no offloaded ops: with a worker listed first and a local GPU after it,
+    the local GPU runs the big prompt batches of the layers kept in RAM (and needs the buffer for it)."""
+    header = read_file(llama8b_path)
+    params = fit.FitParams(n_ctx=8192, gpu_layers=20)
+    as_if_worker = fit.memory_breakdown(header, params, [8000.0, 8000.0], offload_gpu=0)
+    local = fit.memory_breakdown(header, params, [8000.0, 8000.0], offload_gpu=1)
+    assert local.gpus[0].compute_mib < as_if_worker.gpus[0].compute_mib
+    assert local.gpus[1].compute_mib >= as_if_worker.gpus[1].compute_mib
+    only_workers = fit.memory_breakdown(header, params, [8000.0], offload_gpu=None)
+    one_local = fit.memory_breakdown(header, params, [8000.0])
+    # without a GPU taking the work, the CPU computes its layers' big batches itself: a bigger host buffer
+    assert only_workers.host.compute_mib > one_local.host.compute_mib + 64
+    report = machine(gpu_free=8000, ram_available=20000)
+    worker = GPUInfo(index=0, name="RTX 3060 on 192.168.1.20:50052", total_mib=12288, free_mib=12000,
+                     used_mib=288, device="RPC0", rpc_endpoint="192.168.1.20:50052")
+    report.gpus = [worker, *report.gpus]
+    assert fit.budget_for(report).offload_gpu == 1
