@@ -249,6 +249,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="a llama.cpp RPC server whose device may hold layers (repeat; see the README)")
     p.add_argument("--worker", action="append", dest="workers", metavar="HOST:PORT",
                    help="an `st-bridge worker` on another machine (repeat; see the README)")
+    p.add_argument("--embedding-model", help="an embedding GGUF for SillyTavern's Vector Storage (file or "
+                   "model id; default: the one used last)")
+    p.add_argument("--embedding-ctx", type=int,
+                   help="tokens an embedding model reads per text (default 2048)")
+    p.add_argument("--vision", action=argparse.BooleanOptionalAction,
+                   help="load the vision projector (mmproj) found beside a model (default on)")
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -257,7 +263,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     names = ("model", "models_dir", "data_dir", "host", "port", "ctx", "gpu_layers", "kv_type", "flash_attn",
              "api_key", "allowed_origins", "allowed_hosts", "docker", "max_queue", "rpc_servers",
-             "workers")
+             "workers", "embedding_model", "embedding_ctx", "vision")
     flags = {name: getattr(args, name) for name in names}
     serve(load_settings(**flags))
     return 0

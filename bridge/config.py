@@ -119,6 +119,14 @@ class Settings(BaseSettings):
         default_factory=lambda: list(TRUSTED_UPLOADERS),
         description="Hub uploaders whose most downloaded GGUF repositories a refresh adds to the catalog",
     )
+    embedding_model: str | None = Field(
+        None, description="embedding model to load at start for SillyTavern's Vector Storage: a file, or a "
+        "model id in models_dir (default: the one used last)",
+    )
+    embedding_ctx: int = Field(2048, ge=64, le=32768, description="tokens an embedding model reads per text")
+    vision: bool = Field(
+        True, description="load a vision projector (mmproj) found beside a model with it, for image captions",
+    )
     speed_probe: bool = Field(
         True, description="measure this machine's speed once, on the first recommendation (a few seconds; "
         "kept in <data_dir>); off: speeds are estimated from the core count",

@@ -21,6 +21,7 @@ Deep code raises these; the HTTP layer maps them to a status code in one middlew
     ├── NotEnoughDisk                507: the download does not fit on the disk
     ├── PlanFailed                   500: the planner could not place the model (nothing is loaded)
     ├── HubUnavailable               503: the Hugging Face Hub cannot be reached or answered an error
+    ├── NotLoaded                    503: a companion the request needs (embedding, vision) is not loaded
     └── EngineError                  502: the llama.cpp worker failed (crash, OOM, load error)
 """
 
@@ -127,6 +128,13 @@ class EngineError(BridgeError):
 class HubUnavailable(BridgeError):
     status = 503
     code = "hub_unavailable"
+
+
+class NotLoaded(BridgeError):
+    """The request needs a model that is not loaded (an embedding model, a vision projector)."""
+
+    status = 503
+    code = "not_loaded"
 
 
 class PlanFailed(BridgeError):

@@ -19,6 +19,9 @@ _SHARD = re.compile(r"-(\d{5})-of-(\d{5})$")
 # Files still being written: the download manager's partial files and its hard-link step, and the usual
 # names other downloaders use. They are never models, and their growth is no change to the models list.
 PARTIAL_SUFFIXES = (".incomplete", ".link", ".part", ".partial", ".tmp", ".crdownload", ".aria2")
+# Vision projectors (llama.cpp's --mmproj files) are not models of their own: they are listed apart
+# (`projectors`) and paired with the model beside them (bridge.companions.pairing).
+_PROJECTOR = re.compile(r"mmproj", re.IGNORECASE)
 
 
 @dataclass
@@ -42,10 +45,24 @@ def scan(root: Path) -> list[LocalModel]:
         shard = _SHARD.search(path.stem)
         if shard and shard.group(1) != "00001":
             continue
-        if not path.is_file():
+        if not path.is_file() or is_projector(path):
             continue
         models.append(LocalModel(model_id(path, root), path, _set_size(path, shard is not None)))
     return sorted(models, key=lambda m: m.id)
+
+
+def is_projector(path: Path | str) -> bool:
+    """A vision projector by its name, as every uploader names them (`mmproj-*.gguf`, `*-mmproj-f16.gguf`)."""
+    return bool(_PROJECTOR.search(Path(path).name))
+
+
+def projectors(root: Path) -> list[LocalModel]:
+    """The vision projectors under `root`, with ids like models' ids."""
+    if not root.is_dir():
+        return []
+    found = [LocalModel(model_id(p, root), p, p.stat().st_size)
+             for p in sorted(root.rglob(f"*{GGUF_SUFFIX}")) if p.is_file() and is_projector(p)]
+    return sorted(found, key=lambda m: m.id)
 
 
 def _set_size(path: Path, sharded: bool) -> int:

@@ -113,6 +113,8 @@ class LoadPlan:
     flash_attn: bool | None
     placement: DevicePlacement
     summary: dict[str, Any]  # what the status and the events show: verdict, reason, devices ...
+    mmproj_path: str | None = None  # the vision projector planned beside the model (bridge.companions)
+    mmproj_gpu: bool = False
 
 
 def plan_load(header: GGUFHeader, report: HardwareReport, chosen: dict[str, Any],

@@ -9,6 +9,7 @@ os.environ.setdefault("ST_BRIDGE_SPEED_PROBE", "false")
 pytest_plugins = [
     "tests.fixtures.sparse",
     "tests.fixtures.tiny",
+    "tests.fixtures.companions",
     "tests.fixtures.server",
     "tests.fixtures.hub",
     "tests.fixtures.rpc",

@@ -29,6 +29,7 @@ from . import (
     SETTINGS_KEY,
     EngineLike,
     catalog_routes,
+    companion_routes,
     kobold,
     llamacpp,
     manage,
@@ -61,7 +62,7 @@ def create_app(settings: Settings, engine: EngineLike | None = None) -> web.Appl
     if engine is None:  # after a crash, a lost worker machine is planned out of the reload
         app[ENGINE_KEY].respec = app[MANAGER_KEY].respec  # type: ignore[attr-defined]
     app[manage.STREAMS_KEY] = weakref.WeakSet()
-    for module in (openai, kobold, llamacpp, manage, workers_routes, prompt_routes):
+    for module in (openai, kobold, llamacpp, manage, workers_routes, prompt_routes, companion_routes):
         app.add_routes(module.routes)
     catalog_routes.add_routes(app)
     app.cleanup_ctx.append(_engine_lifetime)
@@ -102,6 +103,7 @@ async def _engine_lifetime(app: web.Application) -> AsyncIterator[None]:
         start.cancel()
         await asyncio.gather(start, return_exceptions=True)
     await app[ENGINE_KEY].close()
+    await app[MANAGER_KEY].companions.close()
 
 
 async def _start(app: web.Application) -> None:
@@ -109,6 +111,8 @@ async def _start(app: web.Application) -> None:
     for remote in await asyncio.to_thread(registry.refresh):
         if remote.state != "ready":
             log.warning("%s", remote.message)
+    # Companions first: the chat model is then planned on what they leave (bridge.companions).
+    await app[MANAGER_KEY].companions.load_at_start()
     await app[MANAGER_KEY].load_at_start()
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..companions.images import kobold_prompt
 from ..engine.types import GenerationResult, TokenChunk
 from . import ENGINE_KEY, MANAGER_KEY
 from .schemas import DetokenizeBody, KoboldGenerateBody, TokenizeBody
@@ -39,12 +40,12 @@ async def version(request: web.Request) -> web.Response:
             "version": KOBOLDCPP_VERSION,
             "protected": False,
             "txt2img": False,
-            "vision": False,
+            "vision": bool(request.app[ENGINE_KEY].status().vision),
             "transcribe": False,
             "multiplayer": False,
             "websearch": False,
             "tts": False,
-            "embeddings": False,
+            "embeddings": request.app[MANAGER_KEY].companions.embedder.state == "ready",
             "bridge": "st-bridge",
             "samplers": {"honoured": HONOURED, "ignored": sorted(IGNORED_WHEN_ACTIVE)},
         }
@@ -112,7 +113,11 @@ async def _request(request: web.Request, *, stream: bool) -> Any:
     body.stream = stream
     body.n = 1  # KoboldAI's native API answers one text (ST asks for swipes only through /completion)
     engine = request.app[ENGINE_KEY]
-    return to_request(body, body.prompt, n_ctx=engine.status().n_ctx, tokenize=engine.tokenize, raw=raw)
+    prompt, images = kobold_prompt(body.prompt, raw.get("images"))  # KoboldCpp's images: before the prompt
+    request.app[MANAGER_KEY].companions.check_images(engine.status(), images)
+    req = to_request(body, prompt, n_ctx=engine.status().n_ctx, tokenize=engine.tokenize, raw=raw)
+    req.images = images
+    return req
 
 
 async def _send(response: web.StreamResponse, item: TokenChunk | GenerationResult) -> None:

@@ -16,6 +16,7 @@ from aiohttp import web
 from pydantic import Field
 
 from .. import library
+from ..companions.manager import Companions
 from ..config import Settings, last_model, remember_model
 from ..devices.actual import Allocation, compare
 from ..devices.overhead import learned_overheads
@@ -60,6 +61,7 @@ class ModelManager:
         self.loaded: LoadedUse | None = None  # what the loaded model's worker holds, measured after its load
         self._respecced: dict[str, Any] | None = None  # the plan a restart after a lost worker loads
         self.speed = SpeedWatch()  # the loaded model's predicted and measured speed (status)
+        self.companions = Companions(settings, bus)  # the embedding model and the vision projector
 
     # --- what is loaded ---
 
@@ -96,6 +98,7 @@ class ModelManager:
             "hint": self.hint(),
             "models_dir": str(self.settings.models_path),
             "speed": self.speed.to_dict() if self.plan else None,
+            "companions": self.companions.status(status.vision),
         }
 
     # --- loading ---
@@ -145,7 +148,7 @@ class ModelManager:
         path, model_id = self._locate(model, trusted)
         try:
             header = await asyncio.to_thread(read_file, path)
-            planned = await asyncio.to_thread(self._plan, header, overrides)
+            planned = await asyncio.to_thread(self._plan, header, overrides, path)
         except BridgeError as exc:
             self.bus.publish("error", {"model": model_id, "model_id": model_id, "message": exc.message})
             raise
@@ -160,6 +163,8 @@ class ModelManager:
             chat_memory_disk_mib=self.settings.chat_memory_disk_mib,
             chat_memory_dir=str(self.settings.data_dir / "chat-memory"),
             placement=planned.placement,
+            mmproj_path=planned.mmproj_path,
+            mmproj_gpu=planned.mmproj_gpu,
         )
         plan = planned.summary
         requested = {key: value for key, value in overrides.items() if value is not None}
@@ -194,6 +199,7 @@ class ModelManager:
                 raise
             self._incoming = None
             self.info, self._overrides = info, requested
+            self.companions.chat_loaded(plan)
             remember_model(self.settings, spec.model_path)
             self.plan = plan | {
                 "n_ctx": status.n_ctx,
@@ -211,7 +217,7 @@ class ModelManager:
         return SpeedWatch.after_load(spec.model_path, spec.model_id, plan, self.planning_machine(),
                                      self.settings.data_dir)
 
-    def _plan(self, header: GGUFHeader, overrides: dict[str, Any]) -> LoadPlan:
+    def _plan(self, header: GGUFHeader, overrides: dict[str, Any], path: Path | None = None) -> LoadPlan:
         """The request's settings, then the config's, then the planner's for the rest, on the memory the
         machine will have once the loaded model is gone."""
         chosen = {
@@ -220,8 +226,13 @@ class ModelManager:
             "kv_type": overrides.get("kv_type") or self.settings.kv_type,
             "flash_attn": _first(overrides.get("flash_attn"), self.settings.flash_attn),
         }
-        return plan_load(header, self.planning_machine(), chosen,
-                         extra_host_mib=self.settings.chat_memory_mib, budget=budget_note(self.loaded))
+
+        def on(machine: HardwareReport) -> LoadPlan:
+            return plan_load(header, machine, chosen, extra_host_mib=self.settings.chat_memory_mib,
+                             budget=budget_note(self.loaded))
+
+        # The projector, when the model has one, takes its share first (bridge.companions.manager).
+        return self.companions.plan_chat(path, self.planning_machine(), on)
 
     def planning_machine(self, report: HardwareReport | None = None) -> HardwareReport:
         """The machine plans are made for: free memory now, plus what the loaded model holds."""

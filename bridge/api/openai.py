@@ -9,6 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..companions.images import split_chat
 from ..engine.types import GenerationRequest, GenerationResult, TokenChunk
 from ..errors import BadRequest
 from . import ENGINE_KEY, MANAGER_KEY
@@ -79,10 +80,14 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     raw = await request.json()
     body = parse(ChatCompletionBody, raw)
-    prompt, stops = request.app[MANAGER_KEY].render_chat([m.model_dump() for m in body.messages])
+    # Image parts (ST's Caption extension) become media markers in the text, the images travel beside it.
+    messages, images = split_chat([m.model_dump() for m in body.messages])
+    request.app[MANAGER_KEY].companions.check_images(request.app[ENGINE_KEY].status(), images)
+    prompt, stops = request.app[MANAGER_KEY].render_chat(messages)
     req = _request(request, body, prompt, raw)
     req.stop = list(dict.fromkeys(req.stop + stops))
     req.add_bos = True
+    req.images = images
     return await _respond(request, req, _Chat(request.app[MANAGER_KEY].model_name()))
 
 

@@ -56,12 +56,15 @@ class _Worker:
     messages: asyncio.Queue[tuple[Any, ...]] = field(default_factory=asyncio.Queue)
     stopping: bool = False  # we are stopping it: its exit is not a crash
     crash_handled: bool = False
+    # The child's entry point: the chat engine's, or a companion's (bridge.companions), same lifecycle.
+    target: Callable[..., None] = worker_module.run
+    kind: str = "engine"
 
     def start(self) -> None:
         context = multiprocessing.get_context("spawn")
         self.conn, child = context.Pipe(duplex=True)
-        self.process = context.Process(target=worker_module.run, args=(child, self.spec), daemon=True,
-                                       name=f"st-bridge-engine-{self.spec.model_id}")
+        self.process = context.Process(target=self.target, args=(child, self.spec), daemon=True,
+                                       name=f"st-bridge-{self.kind}-{self.spec.model_id}")
         self.process.start()
         child.close()  # only the child holds its end now, so its death reads as EOF here
         threading.Thread(target=self._read, daemon=True, name="st-bridge-engine-reader").start()
@@ -233,6 +236,7 @@ class Engine:
             load_progress=self._progress,
             allocation=info.get("allocation", {}),
             pid=info.get("pid"),
+            vision=info.get("vision", {}),
         )
 
     @property

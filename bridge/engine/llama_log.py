@@ -46,6 +46,11 @@ def _on_log(level: int, text: bytes | None, _user_data: ctypes.c_void_p) -> None
 _callback = llama_cpp.llama_log_callback(_on_log)
 
 
+def callback() -> object:
+    """The filter itself, for libraries that log apart from llama.cpp (mtmd has its own setter)."""
+    return _callback
+
+
 def install() -> None:
     """Route llama.cpp's log through the filter above (idempotent)."""
     llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))

@@ -58,6 +58,21 @@ class SamplingParams:
     order: list[str] = field(default_factory=list)
 
 
+# Where an image goes in a prompt's text (llama.cpp's mtmd default marker, set explicitly by the worker).
+MEDIA_MARKER = "<__media__>"
+
+
+@dataclass
+class ImageInput:
+    """An image for a vision model: checked and decoded in the server (`bridge.companions.images`), so the
+    worker receives plain RGB pixels, never a file format llama.cpp would have to parse."""
+
+    width: int
+    height: int
+    rgb: bytes  # width * height * 3 bytes, row by row
+    digest: str  # sha256 of the pixels: the same image is the same chunk in the KV cache
+
+
 @dataclass
 class GenerationRequest:
     prompt: str | list[int]
@@ -67,6 +82,8 @@ class GenerationRequest:
     add_bos: bool = True
     stream: bool = True
     n: int = 1  # replies to generate from this one prompt (ST's swipes per generation; engine/swipes.py)
+    # Images, each where the prompt holds the media marker (engine/vision.py): the model needs a projector.
+    images: list[ImageInput] = field(default_factory=list)
 
 
 @dataclass
@@ -145,6 +162,10 @@ class LoadSpec:
     # (only for direct engine use; the bridge always loads a plan).
     placement: DevicePlacement | None = None
     use_mmap: bool = True
+    # A vision projector (mmproj) loaded beside the model by llama.cpp's mtmd (engine/vision.py); on the
+    # GPU when `mmproj_gpu`, as the planner placed it.
+    mmproj_path: str | None = None
+    mmproj_gpu: bool = False
 
 
 @dataclass
@@ -162,3 +183,4 @@ class EngineStatus:
     load_progress: float = 0.0
     allocation: dict = field(default_factory=dict)  # llama.cpp's buffers per device (devices/actual.py)
     pid: int | None = None  # the worker process
+    vision: dict = field(default_factory=dict)  # the projector the model sees images with (engine/vision.py)

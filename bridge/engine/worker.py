@@ -46,6 +46,7 @@ from bridge.engine.reuse import common_prefix, plan_reuse
 from bridge.engine.sampling import Chain, build_chain
 from bridge.engine.stops import StopScanner
 from bridge.engine.types import GenerationRequest, GenerationResult, LoadSpec, Timings, TokenChunk, TokenProb
+from bridge.engine.vision import Vision, VisionLoadFailed
 from bridge.engine.vocab import init_backend, token_piece, tokenize
 from bridge.errors import BadRequest
 
@@ -96,6 +97,7 @@ class Runner:
     n_gpu_layers: int
     cached: list[int] = field(default_factory=list)
     allocation: Allocation = field(default_factory=Allocation)  # what llama.cpp allocated, per device
+    vision: Vision | None = None  # the projector, when the spec names one (vision.py)
 
     def __post_init__(self) -> None:
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
@@ -134,6 +136,11 @@ class Runner:
         runner = cls(spec=spec, model=model, ctx=ctx, n_gpu_layers=layers)
         aliases = rpc_buffer_aliases(devices_without_memory()) if spec.placement else {}
         runner.allocation = parse_load_log("".join(log_pieces).splitlines(), aliases)
+        try:
+            runner.vision = Vision.attach(model, spec, llama_cpp.llama_n_threads(ctx))
+        except VisionLoadFailed as exc:
+            runner.close()
+            raise LoadFailed(str(exc)) from exc
         runner.warm_up()
         return runner
 
@@ -157,10 +164,13 @@ class Runner:
             "can_shift": self.can_shift,
             "pid": os.getpid(),
             "allocation": self.allocation.to_dict(),
+            "vision": self.vision.info() if self.vision else {},
         }
 
     def close(self) -> None:
         self.memory.close()
+        if self.vision is not None:
+            self.vision.close()
         llama_cpp.llama_free(self.ctx)
         llama_cpp.llama_model_free(self.model)
 
@@ -314,6 +324,10 @@ class Runner:
 
     def generate(self, req: GenerationRequest, emit: Any, cancelled: Any,
                  progress: Any = None) -> GenerationResult:
+        if req.images:  # evaluated where their markers stand, by the projector (vision.py)
+            if self.vision is None:
+                raise BadRequest("the loaded model has no vision projector (mmproj), so it cannot see images")
+            return self.vision.generate(self, req, emit, cancelled, progress)
         tokens = self.prompt_tokens(req)
         if req.n > 1:  # several replies from one evaluation of the prompt
             return swipes.run(self, req, tokens, emit, cancelled, progress)
@@ -587,6 +601,7 @@ def _handle(conn: Connection, runner: Runner, request_id: int, req: GenerationRe
         llama_cpp.llama_memory_clear(runner.mem, True)
         result = GenerationResult(text="", stop_type="error", error=str(exc))
     conn.send(("done", request_id, result))
-    if not stop["shutdown"] and result.stop_type in ("eos", "word", "limit") and isinstance(req.prompt, str):
+    settled = isinstance(req.prompt, str) and not req.images  # an image's positions are no text to re-spell
+    if not stop["shutdown"] and result.stop_type in ("eos", "word", "limit") and settled:
         runner.settle(req.prompt + result.text, req.add_bos, idle=lambda: not conn.poll())
     return stop["shutdown"]
