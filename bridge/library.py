@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .errors import NotFound, UnsafePath
-from .formats import QUANT_RE
+from .formats import QUANT_RE, SPLIT_RE
 
 GGUF_SUFFIX = ".gguf"
-# Split models: the first shard stands for the set, later shards are not listed.
-_SHARD = re.compile(r"-(\d{5})-of-(\d{5})$")
+# Split models (`-00001-of-00003`, formats.SPLIT_RE): the first shard stands for the set, later shards are
+# not listed.
 # Files still being written: the download manager's partial files and its hard-link step, and the usual
 # names other downloaders use. They are never models, and their growth is no change to the models list.
 PARTIAL_SUFFIXES = (".incomplete", ".link", ".part", ".partial", ".tmp", ".crdownload", ".aria2")
@@ -32,8 +32,12 @@ class LocalModel:
 
 
 def model_id(path: Path, root: Path) -> str:
-    stem = path.relative_to(root).as_posix()[: -len(GGUF_SUFFIX)]
-    return _SHARD.sub("", stem)
+    return _unsplit(path.relative_to(root).as_posix())[: -len(GGUF_SUFFIX)]
+
+
+def _unsplit(name: str) -> str:
+    """A split model's file name (or path) without its shard part: `x-00001-of-00003.gguf` -> `x.gguf`."""
+    return SPLIT_RE.sub("", name)
 
 
 def scan(root: Path) -> list[LocalModel]:
@@ -42,8 +46,8 @@ def scan(root: Path) -> list[LocalModel]:
         return []
     models = []
     for path in sorted(root.rglob(f"*{GGUF_SUFFIX}")):
-        shard = _SHARD.search(path.stem)
-        if shard and shard.group(1) != "00001":
+        shard = SPLIT_RE.search(path.name)
+        if shard and shard["no"] != "00001":
             continue
         if not path.is_file() or is_projector(path):
             continue
@@ -68,7 +72,7 @@ def projectors(root: Path) -> list[LocalModel]:
 def _set_size(path: Path, sharded: bool) -> int:
     if not sharded:
         return path.stat().st_size
-    prefix = _SHARD.sub("", path.stem)
+    prefix = _unsplit(path.name)[: -len(GGUF_SUFFIX)]
     return sum(p.stat().st_size for p in path.parent.glob(f"{prefix}-*-of-*{GGUF_SUFFIX}"))
 
 
@@ -110,7 +114,8 @@ def quant_of(path: Path) -> str | None:
 def name_stem(path: Path) -> str:
     """A file's name without its shard part, suffix and quant: siblings of one model share it
     (`tiny-llama-Q4_K_M.gguf` and `tiny-llama-Q8_0.gguf` both give `tiny-llama`)."""
-    stem = _SHARD.sub("", path.name[: -len(GGUF_SUFFIX)] if path.name.endswith(GGUF_SUFFIX) else path.stem)
+    name = _unsplit(path.name)
+    stem = name[: -len(GGUF_SUFFIX)] if name.endswith(GGUF_SUFFIX) else Path(name).stem
     return QUANT_RE.sub("", stem).strip("-_. ").lower()
 
 
