@@ -36,7 +36,7 @@ from . import files as file_ops
 from .errors import BadRequest, BridgeError, Conflict, ModelFileError, NotEnoughDisk, NotFound, UnsafePath
 from .formats import parse_name
 from .hub import HubClient, RemoteFile, check_runnable, hub_errors
-from .library import model_id
+from .library import is_projector, model_id
 from .safe_names import name_problem
 
 EventSink = Callable[[str, dict[str, Any]], None]
@@ -157,11 +157,12 @@ class DownloadManager:
             if hints.split_part:
                 stem = _shard_stem(file)
                 chosen = sorted((f for f in ggufs if _shard_stem(f.path) == stem), key=lambda f: f.path)
-            return quant, chosen
+            return quant, _with_projector(ggufs, chosen)
         if not quant:
             raise BadRequest("name a quant (e.g. Q5_K_M) or a file; `st-bridge recommend` suggests one")
         chosen = sorted(
-            (f for f in ggufs if (parse_name(Path(f.path).name).quant or "").upper() == quant.upper()),
+            (f for f in ggufs if (parse_name(Path(f.path).name).quant or "").upper() == quant.upper()
+             and not is_projector(f.path)),
             key=lambda f: f.path,
         )
         if not chosen:
@@ -171,7 +172,7 @@ class DownloadManager:
             )
         if not parse_name(Path(chosen[0].path).name).split_part:
             chosen = chosen[:1]
-        return quant, chosen
+        return quant, _with_projector(ggufs, chosen)
 
     def submit(self, repo: str, *, quant: str | None = None, file: str | None = None) -> Download:
         """Queue a unit; returns at once. A unit already queued or running is returned, not queued twice."""
@@ -539,6 +540,17 @@ def _sha256(path: Path, cancel: threading.Event | None = None) -> str:
                 raise Cancelled("download cancelled while verifying")
             h.update(chunk)
     return h.hexdigest()
+
+
+def _with_projector(ggufs: list[RemoteFile], chosen: list[RemoteFile]) -> list[RemoteFile]:
+    """A vision model's weights come with the projector beside them in the repository (the bridge pairs
+    them again in the models folder, bridge.companions.pairing); a projector asked for alone comes alone."""
+    from .companions.pairing import remote_projector
+
+    if not chosen or is_projector(chosen[0].path):
+        return chosen
+    projector = remote_projector(ggufs, chosen[0].path)
+    return [*chosen, projector] if projector is not None else chosen
 
 
 def _shard_stem(path: str) -> str:
