@@ -1,161 +1,74 @@
-"""The bridge's generation speed against a bare low-level llama-cpp-python loop on the same model.
+"""The bridge's generation speed beside llama-server's, through the same HTTP path, on the same model.
 
-    python bench/throughput.py [--model FILE] [--prompt 512] [--gen 1024] [--runs 2] [--threads N]
+    python bench/throughput.py [--model FILE] [--prompt 1000] [--gen 1024] [--runs 3]
 
-Both sides load the same GGUF with the same settings and decode greedily with llama.cpp's native sampler
-chain; the bridge also pays for its worker process, the pipe, text assembly and stop-string checks, and
-the asyncio consumer. Printed: prompt processing tokens/s (time to the first token of a fresh prompt) and
-decode tokens/s (first to last of `--gen` streamed tokens; end-of-generation is ignored so all are
-generated), each as bridge / bare, from the best run of each side (the least disturbed on a shared
-machine); and the same ratios per CPU-second (all processes involved: the worker, the server side's event
-loop and reader thread), which stay meaningful when other programs compete for the CPU. The target is at
-least 0.97 for decode: a cost per token that grew with the reply would show here.
+llama-server is what a user would run instead, built from the very llama.cpp sources the installed
+llama-cpp-python carries (`bench/llama_server.py` builds it once and caches it). Each run starts a fresh
+server (the bridge as `st-bridge serve`, llama-server with one slot), both with the same context, threads,
+batch sizes and flash attention, waits until the machine has been idle for a moment, and streams one
+completion in llama.cpp's dialect (`POST /completion`, `"stream": true`): `--prompt` random token ids, then
+`--gen` greedy tokens with end-of-generation ignored. Printed per run, and as the median of the runs:
+prompt processing tokens/s (prompt tokens / time to the first streamed token) and decode tokens/s (the
+tokens after the first / time from the first to the last), and bridge / llama-server. The sides alternate,
+so a machine getting busier affects both alike. Target: decode >= 0.98 and prompt >= 0.97.
 Without --model it uses the ~1B-parameter random llama of the test fixtures (built on first use, ~0.5 GB).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import random
+import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import llama_cpp
-import psutil
-
-from bridge.engine import llama_log
-from bridge.engine.client import Engine
-from bridge.engine.types import GenerationRequest, GenerationResult, LoadSpec, SamplingParams
+from bench.llama_server import Server
+from bench.serving import Bridge, stream_completion, wait_idle
 from bridge.engine.worker import default_threads
+
+FIRST_TOKEN_ID = 300  # below: the fixture vocabulary's control and byte tokens
 
 
 @dataclass
 class Speeds:
-    """Tokens per second of wall time, and per second of CPU time (all processes involved)."""
-
     prompt_tps: float
     decode_tps: float
-    prompt_cpu_tps: float
-    decode_cpu_tps: float
+    generated: int
+    quiet: bool  # the machine was idle when the run started
 
 
-def cpu_seconds(pid: int | None = None) -> float:
-    """CPU time used so far by this process, plus by process `pid` (the bridge's worker)."""
-    total = time.process_time()
-    if pid is not None:
-        times = psutil.Process(pid).cpu_times()
-        total += times.user + times.system
-    return total
+def start(side: str, model: Path, ctx: int, threads: int, flash_attn: bool) -> Bridge | Server:
+    if side == "bridge":  # its worker takes the physical cores, as `threads` counts them
+        return Bridge(model, ctx=ctx, flash_attn=flash_attn)
+    return Server(model, ctx=ctx, threads=threads, extra=("-fa", "on" if flash_attn else "off"))
 
 
-def prompts(n_vocab: int, length: int, count: int) -> list[list[int]]:
-    """Distinct random prompts (distinct first tokens), so no run can reuse another's cache."""
+def one_run(side: str, model: Path, prompt: list[int], n_gen: int, ctx: int, threads: int,
+            flash_attn: bool) -> Speeds:
+    """A fresh server, one streamed completion of `n_gen` greedy tokens after `prompt`, the server stopped."""
+    server = start(side, model, ctx, threads, flash_attn)
+    try:
+        quiet = wait_idle(server.pid)
+        run = stream_completion(server.url, {"prompt": prompt, "n_predict": n_gen, "temperature": 0.0,
+                                             "ignore_eos": True, "cache_prompt": False})
+    finally:
+        server.stop()
+    return Speeds(prompt_tps=len(prompt) / run.first_s, decode_tps=(run.generated - 1) / run.rest_s,
+                  generated=run.generated, quiet=quiet)
+
+
+def prompts(length: int, count: int, n_vocab: int) -> list[list[int]]:
+    """Distinct random prompts of token ids (BOS first), one per run."""
     rng = random.Random(0)
-    out = []
-    for i in range(count):
-        out.append([1, 1000 + i] + [rng.randrange(300, n_vocab) for _ in range(length - 2)])
-    return out
+    return [[1] + [rng.randrange(FIRST_TOKEN_ID, n_vocab) for _ in range(length - 1)] for _ in range(count)]
 
-
-# ---- the bridge ------------------------------------------------------------------------------------------
-
-async def bridge_run(engine: Engine, prompt: list[int], n_gen: int) -> Speeds:
-    req = GenerationRequest(prompt=prompt, max_tokens=n_gen, add_bos=False, sampling=SamplingParams(
-        temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, ignore_eos=True))
-    pid = engine.worker_pid
-    cpu_start, start = cpu_seconds(pid), time.perf_counter()
-    first = last = cpu_first = 0.0
-    count = 0
-    async for item in engine.generate(req):
-        if isinstance(item, GenerationResult):
-            assert item.tokens_predicted == n_gen, item
-            break
-        if item.token_id is None:
-            continue
-        last = time.perf_counter()
-        count += 1
-        if count == 1:
-            first, cpu_first = last, cpu_seconds(pid)
-    cpu_last = cpu_seconds(pid)
-    return Speeds(prompt_tps=len(prompt) / (first - start), decode_tps=(count - 1) / (last - first),
-                  prompt_cpu_tps=len(prompt) / (cpu_first - cpu_start),
-                  decode_cpu_tps=(count - 1) / (cpu_last - cpu_first))
-
-
-async def bridge_speeds(spec: LoadSpec, runs: list[list[int]], n_gen: int) -> list[Speeds]:
-    engine = Engine()
-    try:
-        await engine.load(spec)
-        return [await bridge_run(engine, prompt, n_gen) for prompt in runs]
-    finally:
-        await engine.close()
-
-
-# ---- the bare loop ---------------------------------------------------------------------------------------
-
-class Bare:
-    """llama_decode + a greedy sampler chain, nothing else: the fastest Python can drive llama.cpp."""
-
-    def __init__(self, spec: LoadSpec) -> None:
-        llama_log.install()
-        llama_cpp.llama_backend_init()
-        mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0
-        self.model = llama_cpp.llama_model_load_from_file(spec.model_path.encode(), mparams)
-        cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = spec.n_ctx or 4096, spec.n_batch, spec.n_ubatch
-        cparams.n_threads = cparams.n_threads_batch = spec.n_threads or default_threads()
-        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
-        self.mem = llama_cpp.llama_get_memory(self.ctx)
-        self.n_batch = spec.n_batch
-        self.one = (llama_cpp.llama_token * 1)()
-
-    def run(self, prompt: list[int], n_gen: int) -> Speeds:
-        llama_cpp.llama_memory_clear(self.mem, True)
-        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
-        cpu_start, start = cpu_seconds(), time.perf_counter()
-        for at in range(0, len(prompt), self.n_batch):
-            part = prompt[at:at + self.n_batch]
-            array = (llama_cpp.llama_token * len(part))(*part)
-            llama_cpp.llama_decode(self.ctx, llama_cpp.llama_batch_get_one(array, len(part)))
-        token = llama_cpp.llama_sampler_sample(chain, self.ctx, -1)
-        first, cpu_first = time.perf_counter(), cpu_seconds()
-        for _ in range(n_gen - 1):
-            self.one[0] = token
-            llama_cpp.llama_decode(self.ctx, llama_cpp.llama_batch_get_one(self.one, 1))
-            token = llama_cpp.llama_sampler_sample(chain, self.ctx, -1)
-        last, cpu_last = time.perf_counter(), cpu_seconds()
-        llama_cpp.llama_sampler_free(chain)
-        return Speeds(prompt_tps=len(prompt) / (first - start), decode_tps=(n_gen - 1) / (last - first),
-                      prompt_cpu_tps=len(prompt) / (cpu_first - cpu_start),
-                      decode_cpu_tps=(n_gen - 1) / (cpu_last - cpu_first))
-
-    def close(self) -> None:
-        llama_cpp.llama_free(self.ctx)
-        llama_cpp.llama_model_free(self.model)
-
-
-def bare_speeds(spec: LoadSpec, runs: list[list[int]], n_gen: int) -> list[Speeds]:
-    bare = Bare(spec)
-    try:
-        bare.run(runs[0][:2], 2)  # warm-up, as the bridge's worker does at load
-        return [bare.run(prompt, n_gen) for prompt in runs]
-    finally:
-        bare.close()
-
-
-# ---- main ------------------------------------------------------------------------------------------------
 
 def model_path(arg: str | None) -> Path:
     if arg:
         return Path(arg)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.fixtures.tiny_model import random_1b
 
     print("building or reusing the ~1B random test model ...", flush=True)
@@ -165,37 +78,37 @@ def model_path(arg: str | None) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="GGUF file (default: the ~1B random fixture model)")
-    parser.add_argument("--prompt", type=int, default=512, help="prompt tokens (default 512)")
+    parser.add_argument("--prompt", type=int, default=1000, help="prompt tokens (default 1000)")
     parser.add_argument("--gen", type=int, default=1024, help="generated tokens (default 1024)")
-    parser.add_argument("--runs", type=int, default=2, help="runs per side, alternating (default 2)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    parser.add_argument("--runs", type=int, default=3, help="runs per side, alternating (default 3)")
+    parser.add_argument("--vocab", type=int, default=32000, help="token ids are drawn below this")
+    parser.add_argument("--no-flash-attn", action="store_true", help="both sides without flash attention")
     args = parser.parse_args()
 
     path = model_path(args.model)
-    spec = LoadSpec(model_path=str(path), model_id=path.stem, n_ctx=max(4096, args.prompt + args.gen + 16),
-                    n_threads=args.threads)
-    vocab_size = 32000
-    runs = prompts(vocab_size, args.prompt, 2 * args.runs)
-    bridge: list[Speeds] = []
-    bare: list[Speeds] = []
-    # Alternate the sides so that a machine getting busier or cooler affects both alike.
+    threads = default_threads()
+    ctx = max(4096, args.prompt + args.gen + 64)
+    flash = not args.no_flash_attn
+    runs = prompts(args.prompt, 2 * args.runs, args.vocab)
+    sides: dict[str, list[Speeds]] = {"bridge": [], "llama-server": []}
     for i in range(args.runs):
-        bridge += asyncio.run(bridge_speeds(spec, [runs[2 * i]], args.gen))
-        bare += bare_speeds(spec, [runs[2 * i + 1]], args.gen)
-        print(f"run {i + 1}: bridge pp {bridge[-1].prompt_tps:8.1f} tg {bridge[-1].decode_tps:7.2f} | "
-              f"bare pp {bare[-1].prompt_tps:8.1f} tg {bare[-1].decode_tps:7.2f} tokens/s", flush=True)
+        order = list(sides) if i % 2 == 0 else list(sides)[::-1]
+        for j, name in enumerate(order):
+            speeds = one_run(name, path, runs[2 * i + j], args.gen, ctx, threads, flash)
+            assert speeds.generated == args.gen, (name, speeds)
+            sides[name].append(speeds)
+            print(f"run {i + 1} {name:12}  prompt {speeds.prompt_tps:8.1f}  decode {speeds.decode_tps:7.2f} "
+                  f"tokens/s{'' if speeds.quiet else '  (the machine was busy)'}", flush=True)
 
-    # The best run of each side is the one the rest of the machine disturbed least.
-    pp = max(s.prompt_tps for s in bridge) / max(s.prompt_tps for s in bare)
-    tg = max(s.decode_tps for s in bridge) / max(s.decode_tps for s in bare)
-    pp_cpu = max(s.prompt_cpu_tps for s in bridge) / max(s.prompt_cpu_tps for s in bare)
-    tg_cpu = max(s.decode_cpu_tps for s in bridge) / max(s.decode_cpu_tps for s in bare)
-    print(f"model {path.name}, prompt {args.prompt} tokens, {args.gen} generated, "
-          f"threads {spec.n_threads or default_threads()}, "
-          f"gpu offload {llama_cpp.llama_supports_gpu_offload()}")
-    print("                   wall-clock tokens/s    per CPU-second (robust on a busy machine)")
-    print(f"prompt processing  bridge/bare = {pp:.3f}    {pp_cpu:.3f}")
-    print(f"decode @{args.gen:<10} bridge/bare = {tg:.3f}    {tg_cpu:.3f}    (target >= 0.97)")
+    def median(name: str, field: str) -> float:
+        return statistics.median(getattr(s, field) for s in sides[name])
+
+    pp = median("bridge", "prompt_tps") / median("llama-server", "prompt_tps")
+    tg = median("bridge", "decode_tps") / median("llama-server", "decode_tps")
+    print(f"model {path.name}, prompt {args.prompt} tokens, {args.gen} generated, threads {threads}, "
+          f"flash attention {'on' if flash else 'off'}, median of {args.runs}")
+    print(f"prompt processing  bridge/llama-server = {pp:.3f}    (target >= 0.97)")
+    print(f"decode @{args.gen:<10} bridge/llama-server = {tg:.3f}    (target >= 0.98)")
 
 
 if __name__ == "__main__":
