@@ -102,6 +102,10 @@ export class BridgeClient {
     quants(modelId) {
         return this.request('GET', `/models/${encodeURIComponent(modelId)}/quants`, undefined, { timeoutMs: 30000 });
     }
+    /** @param {string} modelId */
+    promptFormat(modelId) {
+        return this.request('GET', `/models/${encodeURIComponent(modelId)}/prompt-format`);
+    }
     /** @param {{model: string, ctx?: number}} body */
     load(body) { return this.request('POST', '/load', body, { timeoutMs: 600000 }); }
     unload() { return this.request('POST', '/unload'); }

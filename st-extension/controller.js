@@ -5,6 +5,7 @@ import { BridgeClient, EventStream, normalizeBaseUrl } from './api.js';
 import { connectSillyTavern, urlForSillyTavern } from './connect.js';
 import { baseOf, candidateList, describeCandidate, nowUsingText, quantOf } from './format.js';
 import { isOnline, mainApi, maxContext, onlineStatus, serverUrl, setMaxContext, textgenType, toast } from './host.js';
+import { PromptFormatSync } from './prompt-format.js';
 import { getApiKey, save } from './settings.js';
 
 /**
@@ -43,6 +44,8 @@ export class Controller {
         this.reconnects = 0; // how many times ST was (re)connected; shown in the panel
         /** @type {Set<(what: string) => void>} */
         this.listeners = new Set();
+        // The loaded model's prompt format and whether ST's selected presets write it (prompt-format.js).
+        this.promptFormat = new PromptFormatSync(this.client, () => this.emit('format'));
     }
 
     start() {
@@ -100,6 +103,7 @@ export class Controller {
         if (status?.state !== 'error') this.lastError = '';
         else this.lastError = status.error || 'the model failed to load';
         if (modelChanged) this.refreshQuants();
+        this.promptFormat.fetch(readyKey(status) ? status.model : '');
         this.emit('status');
         this.followBridge();
     }
@@ -125,6 +129,7 @@ export class Controller {
             // ST connected by itself (its auto-connect on page load): only the context size may be stale.
             this.connectedKey = key;
             if (maxContext() !== this.status.n_ctx) await setMaxContext(this.status.n_ctx);
+            await this.promptFormat.install(this.status.model);
             return;
         }
         await this.useInSillyTavern({ automatic: true });
@@ -167,6 +172,8 @@ export class Controller {
             apiKey: getApiKey(),
             nCtx: status.state === 'ready' ? status.n_ctx : null,
         });
+        // ST writes the model's own prompt format from now on (on "Use", and on each swap when automatic).
+        if (result.online && status.state === 'ready') await this.promptFormat.install(status.model);
         this.reconnects += 1;
         this.lastConnectFailed = !result.online;
         this.settings.linked = true;

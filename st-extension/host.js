@@ -162,3 +162,51 @@ export async function renderTemplate(templateUrl) {
     const response = await fetch(templateUrl);
     return response.text();
 }
+
+// --- Advanced Formatting (instruct, context and reasoning presets) ---
+
+/** ST's Text Completion checkbox "Add BOS token". */
+const ADD_BOS = '#add_bos_token_textgenerationwebui';
+
+/** @returns {{instruct: any, context: any}} ST's selected instruct and context settings */
+export function currentFormatting() {
+    const settings = stContext().powerUserSettings ?? {};
+    return { instruct: settings.instruct, context: settings.context };
+}
+
+/** @returns {boolean} ST wraps the story string with the instruct preset's story_string_prefix/_suffix (1.13+) */
+export function hasStoryAffixes() {
+    return 'story_string_prefix' in (stContext().powerUserSettings?.instruct ?? {});
+}
+
+/**
+ * Saves a preset under its name through ST's own preset manager, which also selects it.
+ * @param {'instruct' | 'context' | 'reasoning'} kind
+ * @param {{name: string}} preset
+ */
+export async function installPreset(kind, preset) {
+    const manager = stContext().getPresetManager?.(kind);
+    if (!manager) throw new Error(`this SillyTavern has no ${kind} templates`);
+    await manager.savePreset(preset.name, preset);
+}
+
+/** Turns instruct mode on, as ST's own checkbox does. */
+export function enableInstructMode() {
+    if (stContext().powerUserSettings?.instruct?.enabled) return;
+    $('#instruct_enabled').prop('checked', true).trigger('input');
+}
+
+/** Turns "Add BOS token" on: the bridge then adds the BOS token the model's template begins with. */
+export function ensureAddBos() {
+    const box = $(ADD_BOS);
+    if (box.length && !box.prop('checked')) box.prop('checked', true).trigger('input');
+}
+
+/**
+ * Calls `handler` when the user picks another instruct or context preset or edits one.
+ * @param {() => void} handler
+ */
+export function onFormattingChanged(handler) {
+    $(document).on('change input', '#instruct_presets, #context_presets, #instruct_enabled, '
+        + '[id^="instruct_"], #context_story_string', handler);
+}

@@ -6,6 +6,7 @@ import { ACTIVE_DOWNLOAD_STATES, contextChoices, describeStatus, downloadProgres
     verdictBadge }
     from './format.js';
 import { onOnlineStatusChanged, onlineStatus, toast } from './host.js';
+import { renderPromptFormat, wirePromptFormat } from './prompt-format-panel.js';
 import { renderRecommendations, wireRecommendations } from './recommend.js';
 import { wireWorkers } from './workers.js';
 import { DEFAULT_SETTINGS, getApiKey, save, setApiKey } from './settings.js';
@@ -63,6 +64,7 @@ export function wirePanel(controller) {
         run(() => controller.download(what), 'Download failed');
     });
     wireRecommendations(controller);
+    wirePromptFormat(controller);
     wireWorkers(controller);
 
     controller.subscribe(() => render(controller));
@@ -92,6 +94,7 @@ function render(controller) {
     renderQuants(controller);
     renderContext(controller);
     renderSillyTavernState(controller);
+    renderPromptFormat(controller);
     renderRecommendations(controller);
 }
 
