@@ -241,17 +241,19 @@ def _evaluate_model(model: CatalogModel, report: HardwareReport, budget: fit.Bud
     """Every file of a model, planning only those that can be recommended: the planner is most of the
     time a recommendation takes, so a file a floor leaves out anyway, a file bigger than all the memory
     there is, or a quant bigger than one that already does not fit is left out without a plan."""
+    if model.kind != "chat":
+        return [_not_chat(model, f) for f in model.files]
     out: list[Candidate] = []
     too_big: Candidate | None = None
     room = sum(budget.gpu_usable) + max(budget.ram_usable, 0)
     for f in sorted(model.files, key=lambda x: x.size_bytes):
-        floor = _floor(model, f) if model.kind == "chat" else None
+        floor = _floor(model, f)
         if floor is not None:
             out.append(_unplanned(model, f, floor, "not_planned"))
         elif too_big is not None:
             why = f"does not fit: bigger than its {too_big.quant} file, which already does not fit"
             out.append(_unplanned(model, f, why, "wont_fit"))
-        elif model.kind == "chat" and f.size_mib > ROOM_MARGIN * room:
+        elif f.size_mib > ROOM_MARGIN * room:
             kept = gb(round(desktop_reserve_mib(report)))
             why = (f"does not fit: the file alone is {gb(round(f.size_mib))}, more than the "
                    f"{gb(round(room))} this machine can give a model (keeping {kept} of RAM for the "
@@ -286,10 +288,13 @@ def quants(
     cpu: speed.CpuSpeed | None = None,
 ) -> list[Candidate]:
     """Every quant of one catalog model with its verdict, speed and score, smallest first. Its 3-bit
-    quants are left out when one of its quants at 4 bits or more fits."""
+    quants are left out when one of its quants at 4 bits or more fits. A vision model is planned like a
+    chat model here (someone who has it may switch its quant); an embedding model is not a chat model."""
     model = catalog.get(repo)
     budget = budget_for(report)
     cpu = cpu or speed.CpuSpeed.estimated(report)
+    if model.kind == "embedding":
+        return [_not_chat(model, f) for f in model.files]
     options = [evaluate(model, f, report, budget, n_ctx, cpu) for f in model.files]
     three_bit_floor([c for c in options if not c.left_out])
     return options
@@ -364,8 +369,6 @@ def evaluate(
     model: CatalogModel, f: CatalogFile, report: HardwareReport, budget: fit.Budget, n_ctx: int,
     cpu: speed.CpuSpeed | None = None,
 ) -> Candidate:
-    if model.kind != "chat":
-        return _not_chat(model, f)
     cpu = cpu or speed.CpuSpeed.estimated(report)
     layout, source = planner_input(model, f)
     ctx = min(n_ctx, layout.info.n_ctx_train or n_ctx)

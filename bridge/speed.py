@@ -24,7 +24,7 @@ Where the figures come from:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import fit
 from .hardware import GPUInfo, HardwareReport, estimate_cpu_bandwidth
@@ -105,10 +105,12 @@ class Prediction:
     first_reply_s: float  # the whole context read, then the first token written
     n_ctx: int
     cpu: str  # where the CPU's figures come from
+    devices: list[dict[str, object]] = field(default_factory=list)  # each device's share of the time
 
     def to_dict(self) -> dict[str, object]:
         return {"decode_tok_s": round(self.decode_tok_s, 1), "prompt_tok_s": round(self.prompt_tok_s, 1),
-                "first_reply_s": round(self.first_reply_s, 2), "n_ctx": self.n_ctx, "cpu": self.cpu}
+                "first_reply_s": round(self.first_reply_s, 2), "n_ctx": self.n_ctx, "cpu": self.cpu,
+                "devices": self.devices}
 
 
 def predict(cost: ModelCost, bd: fit.Breakdown, report: HardwareReport, cpu: CpuSpeed,
@@ -116,42 +118,56 @@ def predict(cost: ModelCost, bd: fit.Breakdown, report: HardwareReport, cpu: Cpu
     """Speeds of the placement `bd` on this machine; the prompt fills `prompt_tokens` (the whole context)."""
     n_prompt = prompt_tokens or bd.n_ctx
     gpus = report.usable_gpus
-    decode_s = decode_seconds(cost, bd, gpus, cpu)
-    prompt_s = prompt_seconds(cost, bd, gpus, cpu, kv_len=n_prompt / 2)
+    decode = decode_terms(cost, bd, gpus, cpu)
+    prompt = prompt_terms(cost, bd, gpus, cpu, kv_len=n_prompt / 2)
+    decode_s, prompt_s = sum(decode), sum(prompt)
+    names = [fit.device_name(gpu, i) for i, gpu in enumerate(gpus[:len(bd.gpus)])] + ["CPU"]
+    devices: list[dict[str, object]] = [
+        {"device": name, "decode_ms_per_token": round(d * 1000, 3), "prompt_ms_per_token": round(q * 1000, 3)}
+        for name, d, q in zip(names, decode, prompt, strict=False)
+    ]
     return Prediction(1 / decode_s if decode_s else 0.0, 1 / prompt_s if prompt_s else 0.0,
-                      n_prompt * prompt_s + decode_s, bd.n_ctx, cpu.note)
+                      n_prompt * prompt_s + decode_s, bd.n_ctx, cpu.note, devices)
 
 
 def decode_seconds(cost: ModelCost, bd: fit.Breakdown, gpus: Sequence[GPUInfo], cpu: CpuSpeed) -> float:
-    """Seconds per written token: each device streams its weights (a token's share of the experts) and
-    half the context's KV cache (a chat midway), one device after the other."""
-    seconds = 0.0
-    for dev, gpu in zip(bd.gpus, gpus, strict=False):
-        seconds += (dev.weights_mib * cost.active + dev.kv_mib / 2) * fit.MIB / _gpu_bandwidth(gpu)
+    return sum(decode_terms(cost, bd, gpus, cpu))
+
+
+def prompt_seconds(cost: ModelCost, bd: fit.Breakdown, gpus: Sequence[GPUInfo], cpu: CpuSpeed,
+                   kv_len: float) -> float:
+    return sum(prompt_terms(cost, bd, gpus, cpu, kv_len))
+
+
+def decode_terms(cost: ModelCost, bd: fit.Breakdown, gpus: Sequence[GPUInfo], cpu: CpuSpeed) -> list[float]:
+    """Seconds per written token on each device (GPUs, then the host): each streams its weights (a
+    token's share of the experts) and half the context's KV cache (a chat midway), one after the other."""
+    terms = [(dev.weights_mib * cost.active + dev.kv_mib / 2) * fit.MIB / _gpu_bandwidth(gpu)
+             for dev, gpu in zip(bd.gpus, gpus, strict=False)]
     embd = 0 if cost.tied_output else cost.embd_bytes
     host = max(bd.host.weights_mib * fit.MIB - embd, 0.0)
-    return seconds + (host * cost.active + bd.host.kv_mib / 2 * fit.MIB) / cpu.bytes_per_s
+    return [*terms, (host * cost.active + bd.host.kv_mib / 2 * fit.MIB) / cpu.bytes_per_s]
 
 
-def prompt_seconds(cost: ModelCost, bd: fit.Breakdown, devices: Sequence[GPUInfo], cpu: CpuSpeed,
-                   kv_len: float) -> float:
-    """Seconds per prompt token for a token that sees `kv_len` tokens before it."""
+def prompt_terms(cost: ModelCost, bd: fit.Breakdown, devices: Sequence[GPUInfo], cpu: CpuSpeed,
+                 kv_len: float) -> list[float]:
+    """Seconds per prompt token, for a token that sees `kv_len` tokens before it, on each device (GPUs,
+    then the work on the host's weights)."""
     gpus = list(zip(bd.gpus, devices, strict=False))
     layers_on_gpu = min(bd.gpu_layers, bd.n_layer) / max(bd.n_layer, 1)
     output_on_gpu = bool(gpus) and bd.gpu_layers > bd.n_layer
-    seconds = 0.0
+    on_gpus = max(sum(d.weights_mib for d, _ in gpus), 1e-9)
+    terms = []
     for i, (dev, gpu) in enumerate(gpus):
         holds_output = output_on_gpu and i == len(gpus) - 1
         weights = dev.weights_mib * fit.MIB - (cost.output_bytes if holds_output else 0)
-        share = layers_on_gpu * dev.weights_mib / max(sum(d.weights_mib for d, _ in gpus), 1e-9)
-        seconds += cost.prompt_flops(max(weights, 0.0), kv_len, share) / _gpu_flops(gpu)
+        share = layers_on_gpu * dev.weights_mib / on_gpus
+        terms.append(cost.prompt_flops(max(weights, 0.0), kv_len, share) / _gpu_flops(gpu))
     host = bd.host.weights_mib * fit.MIB - cost.embd_bytes - (0 if output_on_gpu else cost.output_bytes)
-    host = max(host, 0.0)
-    host_share = 1.0 - layers_on_gpu
+    host_flops = cost.prompt_flops(max(host, 0.0), kv_len, 1.0 - layers_on_gpu)
     if gpus:  # the GPU computes the batch; the host's weights (a batch uses all the experts) cross PCIe
-        return seconds + host / (PCIE_GBS * 1e9 * N_UBATCH) + (
-            cost.prompt_flops(host, kv_len, host_share) / _gpu_flops(gpus[0][1]))
-    return seconds + cost.prompt_flops(host, kv_len, host_share) / cpu.flops_per_s
+        return [*terms, max(host, 0.0) / (PCIE_GBS * 1e9 * N_UBATCH) + host_flops / _gpu_flops(gpus[0][1])]
+    return [*terms, host_flops / cpu.flops_per_s]
 
 
 def _gpu_bandwidth(gpu: GPUInfo) -> float:

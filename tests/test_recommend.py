@@ -327,3 +327,11 @@ def test_speed_and_wait_costs_start_at_reading_speed_and_half_a_minute() -> None
 def test_desktop_reserve_is_4_gib_or_a_quarter_of_the_ram() -> None:
     assert recommend.desktop_reserve_mib(machine(8)) == 4096
     assert recommend.desktop_reserve_mib(machine(64)) == 16384
+
+
+def test_the_quant_switcher_plans_a_vision_model_but_not_an_embedding_model(cat: catalog.Catalog) -> None:
+    """Recommendations rank chat models only; someone who has a vision model may still switch its quant."""
+    gemma = {c.quant: c for c in recommend.quants(cat, "ggml-org/gemma-3-4b-it-GGUF", machine(16, 8))}
+    assert gemma["Q4_K_M"].verdict == "full_gpu" and gemma["Q4_K_M"].left_out is None
+    nomic = recommend.quants(cat, "nomic-ai/nomic-embed-text-v1.5-GGUF", machine(16, 8))
+    assert all(c.verdict == "not_ranked" and "embedding model" in c.left_out for c in nomic)

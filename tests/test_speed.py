@@ -69,6 +69,12 @@ def test_writing_is_bound_by_bytes_and_reading_the_prompt_by_flops(sparse_model)
     fast = speed.predict(cost, on_gpu, gpu, cpu)
     assert fast.decode_tok_s > 8 * predicted.decode_tok_s and fast.prompt_tok_s > 20 * predicted.prompt_tok_s
     assert fast.first_reply_s < 10
+    # Per device: the GPU does nearly all of it; the host only looks up the token's embedding row.
+    (card, host) = fast.devices
+    assert card["device"] == "CUDA0" and host["device"] == "CPU"
+    assert card["decode_ms_per_token"] + host["decode_ms_per_token"] == pytest.approx(
+        1000 / fast.decode_tok_s, rel=0.01)
+    assert host["decode_ms_per_token"] < 0.05 * card["decode_ms_per_token"]
 
 
 def test_layers_left_in_ram_next_to_a_gpu_cost_a_pcie_copy_per_prompt_batch(sparse_model) -> None:
@@ -233,6 +239,7 @@ async def test_the_status_shows_predicted_beside_measured_speed(bridge_server) -
     predicted, measured = figures["predicted"], figures["measured"]
     assert predicted["decode_tok_s"] > 0 and predicted["prompt_tok_s"] > 0 and predicted["first_reply_s"] > 0
     assert predicted["cpu"].startswith(("estimated from", "measured here"))
+    assert predicted["devices"][-1]["device"] == "CPU"
     assert measured["generations"] >= 1 and measured["decode_tok_s"] > 0 and measured["written_tokens"] >= 12
     if timings["prompt_n"] >= 32:  # a prompt that was read (not reused from the cache) is measured too
         assert measured["prompt_tok_s"] > 0 and figures["measured_vs_predicted"]["prompt"] > 0
