@@ -429,6 +429,13 @@ const EVENT_HANDLERS = {
         c.emit('status');
     },
 };
+// The companions (companions.js): what runs beside the chat model changed; a new embedding model means
+// SillyTavern's vectors must be built again.
+EVENT_HANDLERS.companions = (c) => c.emit('companions');
+EVENT_HANDLERS.embedding_model_changed = (c, data) => {
+    toast('warning', data.message ?? 'The embedding model changed: vectorize the chats again.', 'Vector Storage');
+    c.emit('companions');
+};
 EVENT_HANDLERS.loading = EVENT_HANDLERS.load_progress;
 EVENT_HANDLERS.ready = EVENT_HANDLERS.model_loaded;
 EVENT_HANDLERS.download_error = EVENT_HANDLERS.download_progress;

@@ -9,6 +9,7 @@ import { onOnlineStatusChanged, onlineStatus, toast } from './host.js';
 import { renderPromptFormat, wirePromptFormat } from './prompt-format-panel.js';
 import { renderRecommendations, wireRecommendations } from './recommend.js';
 import { wireWorkers } from './workers.js';
+import { wireCompanions } from './companions.js';
 import { DEFAULT_SETTINGS, getApiKey, save, setApiKey } from './settings.js';
 
 const $p = (/** @type {string} */ id) => $(`#st_bridge_${id}`);
@@ -66,6 +67,7 @@ export function wirePanel(controller) {
     wireRecommendations(controller);
     wirePromptFormat(controller);
     wireWorkers(controller);
+    wireCompanions(controller);
 
     controller.subscribe(() => render(controller));
     onOnlineStatusChanged(() => renderSillyTavernState(controller));
