@@ -14,6 +14,7 @@ from aiohttp import web
 from ..config import Settings
 from ..engine.types import EngineStatus, GenerationRequest, GenerationResult, LoadSpec, TokenChunk
 from ..events import EventBus
+from ..reach import Reach
 
 if TYPE_CHECKING:
     from .manage import ModelManager
@@ -35,3 +36,4 @@ SETTINGS_KEY = web.AppKey("settings", Settings)
 ENGINE_KEY = web.AppKey("engine", EngineLike)
 BUS_KEY = web.AppKey("bus", EventBus)
 MANAGER_KEY: web.AppKey[ModelManager] = web.AppKey("manager")
+REACH_KEY = web.AppKey("reach", Reach)

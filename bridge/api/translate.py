@@ -26,6 +26,7 @@ Body = TypeVar("Body", bound=BaseModel)
 
 DEFAULT_MAX_TOKENS = 256
 BAN_BIAS = -100.0  # OpenAI's and KoboldCpp's "never pick this token"
+MAX_BIAS = 1000.0  # a logit raised further only overflows llama.cpp's float32 logits
 
 # KoboldCpp's sampler_order numbers (ST sends [6,0,1,3,4,2,5]); top_a (1) and tfs (3) have no
 # llama.cpp sampler.
@@ -281,10 +282,11 @@ def logit_bias(value: Any, tokenize: Tokenize) -> tuple[dict[int, float], list[i
                 isinstance(bias, int | float) and not isinstance(bias, bool) and bias <= BAN_BIAS
             ):
                 banned.append(token)
-            elif isinstance(bias, int | float) and not isinstance(bias, bool):
+            elif isinstance(bias, int | float) and not isinstance(bias, bool) and bias <= MAX_BIAS:
                 biases[token] = float(bias)
             else:
-                raise BadRequest(f"`logit_bias` for token {key!r} must be a number or false")
+                raise BadRequest(f"`logit_bias` for token {key!r} must be false or a number up to "
+                                 f"{MAX_BIAS:g} ({BAN_BIAS:g} or less bans it)")
     return biases, banned
 
 
@@ -302,6 +304,8 @@ def token_bans(value: Any) -> list[int]:
     if not value:
         return []
     items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise BadRequest('`custom_token_bans` must be token ids separated by commas, e.g. "13,198", or a list')
     try:
         return [int(str(item).strip()) for item in items if str(item).strip()]
     except ValueError as exc:

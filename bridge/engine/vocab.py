@@ -14,7 +14,7 @@ from pathlib import Path
 import llama_cpp
 
 from bridge.engine import llama_log
-from bridge.errors import EngineError
+from bridge.errors import BadRequest, EngineError
 
 _backend_lock = threading.Lock()
 _backend_ready = False
@@ -61,7 +61,7 @@ class Vocab:
             self._check_open()
             bad = [t for t in ids if not 0 <= t < self.n_vocab]
             if bad:
-                raise EngineError(f"token ids {bad[:5]} are outside this vocabulary (0..{self.n_vocab - 1})")
+                raise BadRequest(f"token ids {bad[:5]} are outside this vocabulary (0..{self.n_vocab - 1})")
             return detokenize(self._vocab, ids)
 
     def close(self) -> None:
