@@ -1,5 +1,8 @@
 // The bridge's management API (/bridge/v1) as seen from the browser: plain JSON calls with a timeout, and
-// the event stream with automatic reconnection. Nothing in here touches SillyTavern or the DOM.
+// the event stream with automatic reconnection. Nothing in here touches SillyTavern or the DOM: when the
+// calls travel through SillyTavern's server (route.js), the target says so and brings that server's headers.
+
+import { proxiedUrl, proxyProblem } from './route.js';
 
 const API_PREFIX = '/bridge/v1';
 const DEFAULT_TIMEOUT_MS = 10000;
@@ -31,10 +34,17 @@ export function normalizeBaseUrl(url) {
     return String(url || '').trim().replace(/\/+$/, '').replace(/\/v1$/, '');
 }
 
+/**
+ * @typedef {object} Target
+ * @property {string} url the bridge, as whoever sends the calls reaches it
+ * @property {string} apiKey
+ * @property {{origin: string, headers: () => Record<string, string>} | null} proxy SillyTavern's server,
+ *   when the calls travel through it (its origin and its request headers, CSRF token included)
+ */
+
 export class BridgeClient {
     /**
-     * @param {() => {url: string, apiKey: string}} getTarget read on every call, so a changed URL or key in
-     *   the panel applies at once
+     * @param {() => Target} getTarget read on every call, so a changed URL, key or route applies at once
      */
     constructor(getTarget) {
         this.getTarget = getTarget;
@@ -45,10 +55,30 @@ export class BridgeClient {
         return normalizeBaseUrl(this.getTarget().url);
     }
 
+    /** @returns {boolean} */
+    get proxied() {
+        return Boolean(this.getTarget().proxy);
+    }
+
+    /**
+     * @param {string} path under /bridge/v1
+     * @returns {string} the URL to fetch
+     */
+    urlFor(path) {
+        const { proxy } = this.getTarget();
+        const url = `${this.baseUrl}${API_PREFIX}${path}`;
+        return proxy ? proxiedUrl(proxy.origin, url) : url;
+    }
+
     /** @returns {Record<string, string>} */
     headers() {
-        const { apiKey } = this.getTarget();
-        return apiKey ? { Authorization: `Bearer ${apiKey}` } : {};
+        const { apiKey, proxy } = this.getTarget();
+        if (!proxy) return apiKey ? { Authorization: `Bearer ${apiKey}` } : {};
+        // SillyTavern's server may use Authorization itself (its basic auth): the key travels beside it.
+        const headers = { ...proxy.headers() };
+        delete headers['Content-Type'];
+        if (apiKey) headers['X-API-Key'] = apiKey;
+        return headers;
     }
 
     /**
@@ -59,7 +89,7 @@ export class BridgeClient {
      * @returns {Promise<any>} the decoded JSON answer
      */
     async request(method, path, body = undefined, { timeoutMs = DEFAULT_TIMEOUT_MS, signal } = {}) {
-        const url = `${this.baseUrl}${API_PREFIX}${path}`;
+        const url = this.urlFor(path);
         const headers = this.headers();
         // The bridge accepts changes only as JSON (a plain form post from any web page must not pass).
         if (method !== 'GET' && body === undefined) body = {};
@@ -73,10 +103,27 @@ export class BridgeClient {
             });
         } catch (error) {
             if (signal?.aborted) throw error;
-            const why = timeout.aborted ? `no answer within ${timeoutMs / 1000} s` : 'not reachable';
-            throw new BridgeError(`The bridge at ${this.baseUrl} is ${why}. Is "st-bridge serve" running?`, 0);
+            throw await this.unreachable(url, timeout.aborted ? timeoutMs : 0);
         }
-        return decodeResponse(response);
+        return decodeResponse(response, this.proxied ? this.baseUrl : '');
+    }
+
+    /**
+     * Why a call got no answer: nothing listens, or something answers that this page may not read.
+     * @param {string} url
+     * @param {number} timedOutMs the timeout that ran out, or 0
+     * @returns {Promise<BridgeError>}
+     */
+    async unreachable(url, timedOutMs) {
+        const base = this.baseUrl;
+        if (timedOutMs) return new BridgeError(`The bridge at ${base} gave no answer within ${timedOutMs / 1000} s.`, 0);
+        if (!this.proxied && await answersOpaquely(url)) {
+            return new BridgeError(`The bridge at ${base} answers, but this browser may not read its answers on `
+                + `this page (${globalThis.location?.origin}). Start the bridge with `
+                + `--allowed-origin ${globalThis.location?.origin}, or open SillyTavern on the bridge's machine.`, 0,
+            'unreadable');
+        }
+        return new BridgeError(`The bridge at ${base} is not reachable. Is "st-bridge serve" running?`, 0);
     }
 
     /** @returns {Promise<boolean>} true when the bridge answers; used before asking ST to connect */
@@ -118,9 +165,10 @@ export class BridgeClient {
 
 /**
  * @param {Response} response
+ * @param {string} proxiedTo the bridge URL when the call went through SillyTavern's server, else ''
  * @returns {Promise<any>}
  */
-async function decodeResponse(response) {
+async function decodeResponse(response, proxiedTo = '') {
     const text = await response.text();
     let data = null;
     try {
@@ -128,10 +176,26 @@ async function decodeResponse(response) {
     } catch {
         data = null;
     }
-    if (response.ok) return data;
+    if (response.ok && (data !== null || !proxiedTo)) return data;
+    const problem = proxiedTo ? proxyProblem(response.status, text, proxiedTo) : '';
+    if (problem) throw new BridgeError(problem, response.ok ? 502 : response.status, 'proxy');
     // The bridge's own error envelope is {"error": {"code", "message", "status"}}.
     const message = data?.error?.message || text.slice(0, 200) || response.statusText;
     throw new BridgeError(message || `HTTP ${response.status}`, response.status, data?.error?.code || '');
+}
+
+/**
+ * Whether anything answers at `url` at all, even an answer this page may not read (CORS).
+ * @param {string} url
+ * @returns {Promise<boolean>}
+ */
+async function answersOpaquely(url) {
+    try {
+        await fetch(url, { mode: 'no-cors', signal: AbortSignal.timeout(3000) });
+        return true;
+    } catch {
+        return false;
+    }
 }
 
 /**
@@ -143,7 +207,9 @@ async function decodeResponse(response) {
 export class EventStream {
     /**
      * @param {BridgeClient} client
-     * @param {{onEvent: (name: string, data: any) => void, onConnection: (connected: boolean) => void}} handlers
+     * @param {{onEvent: (name: string, data: any) => void, onConnection: (connected: boolean) => void,
+     *   onRefused?: (message: string) => void}} handlers onRefused: the bridge answered the stream with an
+     *   error (an origin it refuses, a missing key, SillyTavern's proxy turned off)
      */
     constructor(client, handlers) {
         this.client = client;
@@ -182,10 +248,15 @@ export class EventStream {
     /** @param {AbortSignal} signal */
     async run(signal) {
         try {
-            const response = await fetch(`${this.client.baseUrl}${API_PREFIX}/events`, {
+            const response = await fetch(this.client.urlFor('/events'), {
                 headers: { ...this.client.headers(), Accept: 'text/event-stream' }, signal,
             });
-            if (!response.ok || !response.body) throw new Error(`HTTP ${response.status}`);
+            if (!response.ok || !response.body) {
+                const error = await decodeResponse(response, this.client.proxied ? this.client.baseUrl : '')
+                    .then(() => new Error(`HTTP ${response.status}`), (refusal) => refusal);
+                this.handlers.onRefused?.(error.message);
+                throw error;
+            }
             await this.read(response.body, signal);
         } catch (error) {
             if (signal.aborted) return;

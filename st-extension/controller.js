@@ -4,7 +4,9 @@
 import { BridgeClient, EventStream, normalizeBaseUrl } from './api.js';
 import { connectSillyTavern, urlForSillyTavern } from './connect.js';
 import { baseOf, candidateList, describeCandidate, nowUsingText, quantOf } from './format.js';
-import { isOnline, mainApi, maxContext, onlineStatus, serverUrl, setMaxContext, textgenType, toast } from './host.js';
+import { isOnline, mainApi, maxContext, onlineStatus, serverUrl, setMaxContext, stRequestHeaders, textgenType, toast }
+    from './host.js';
+import { chooseRoute } from './route.js';
 import { PromptFormatSync } from './prompt-format.js';
 import { getApiKey, save } from './settings.js';
 
@@ -22,10 +24,11 @@ export class Controller {
     /** @param {import('./settings.js').BridgeSettings} settings */
     constructor(settings) {
         this.settings = settings;
-        this.client = new BridgeClient(() => ({ url: settings.url, apiKey: getApiKey() }));
+        this.client = new BridgeClient(() => this.target());
         this.stream = new EventStream(this.client, {
             onEvent: (name, data) => this.onEvent(name, data),
             onConnection: (connected) => this.onConnection(connected),
+            onRefused: (message) => this.onRefused(message),
         });
         this.linkUp = false; // the event stream is open
         this.status = null; // the last GET /status (or `status` event)
@@ -38,6 +41,7 @@ export class Controller {
         this.candidates = []; // the last "Recommend model" list, as describeCandidate() gives it
         this.recommending = false;
         this.lastError = '';
+        this.refusal = ''; // why the bridge refused the event stream, while it does
         this.connectedKey = null; // readyKey() of the model ST was last connected to
         this.connecting = null; // the running connect, so two triggers never overlap
         this.lastConnectFailed = false;
@@ -52,8 +56,29 @@ export class Controller {
         this.stream.start();
     }
 
+    /** @returns {'direct' | 'sillytavern'} how this browser reaches the bridge now (route.js) */
+    route() {
+        return chooseRoute(this.settings.route, globalThis.location?.href ?? '', this.settings.url);
+    }
+
+    /**
+     * Where the panel's calls go: the bridge itself, or SillyTavern's server, which reaches the bridge at
+     * the URL it uses for generation (host.docker.internal when it runs in Docker).
+     * @returns {import('./api.js').Target}
+     */
+    target() {
+        if (this.route() === 'direct') return { url: this.settings.url, apiKey: getApiKey(), proxy: null };
+        return {
+            url: urlForSillyTavern(this.settings.url, this.settings.docker),
+            apiKey: getApiKey(),
+            proxy: { origin: globalThis.location.origin, headers: stRequestHeaders },
+        };
+    }
+
     /** The URL or key changed: drop what the old bridge said and follow the new one. */
     retarget() {
+        if (this.refusal) this.lastError = '';
+        this.refusal = '';
         this.status = null;
         this.hardware = null;
         this.connectedKey = null;
@@ -77,12 +102,26 @@ export class Controller {
     onConnection(connected) {
         this.linkUp = connected;
         if (connected) {
+            if (this.refusal) this.lastError = '';
+            this.refusal = '';
             this.refreshHardware();
             this.refreshModels();
         } else {
             this.loadProgress = null;
         }
         this.emit('link');
+    }
+
+    /**
+     * The bridge (or SillyTavern's server on its way) answered the event stream with an error: say why in
+     * the panel, instead of a bare "offline".
+     * @param {string} message
+     */
+    onRefused(message) {
+        if (message === this.refusal) return;
+        this.refusal = message;
+        this.lastError = message;
+        this.emit('status');
     }
 
     /**

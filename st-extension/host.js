@@ -102,6 +102,11 @@ export async function setMaxContext(tokens) {
     saveSettings();
 }
 
+/** @returns {Record<string, string>} the headers ST's own routes need (its CSRF token among them) */
+export function stRequestHeaders() {
+    return stContext().getRequestHeaders();
+}
+
 export function saveSettings() {
     stContext().saveSettingsDebounced();
 }

@@ -12,6 +12,8 @@ const API_KEY_STORAGE = 'st-bridge.apiKey';
  * @property {boolean} auto reconnect SillyTavern by itself when the bridge loads another model
  * @property {'koboldcpp' | 'llamacpp'} apiType the Text Completion type ST uses for the bridge
  * @property {boolean} docker SillyTavern's server runs in Docker (it reaches the bridge another way)
+ * @property {import('./route.js').RouteSetting} route how this browser reaches the bridge: directly, through
+ *   SillyTavern's server, or 'auto' (through it when this page was opened from another device)
  * @property {boolean} linked "Use in SillyTavern" was pressed once: automatic reconnects may follow
  */
 
@@ -21,6 +23,7 @@ export const DEFAULT_SETTINGS = {
     auto: true,
     apiType: 'koboldcpp',
     docker: false,
+    route: 'auto',
     linked: false,
 };
 

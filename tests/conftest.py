@@ -14,6 +14,7 @@ pytest_plugins = [
     "tests.fixtures.hub",
     "tests.fixtures.rpc",
     "tests.fixtures.sillytavern",
+    "tests.fixtures.netns",
 ]
 
 
