@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from ..companions.images import split_chat
-from ..engine.types import GenerationRequest, GenerationResult, TokenChunk
+from ..engine.types import GenerationRequest, GenerationResult, TokenChunk, TokenProb
 from ..errors import BadRequest
 from . import ENGINE_KEY, MANAGER_KEY
 from .schemas import ChatCompletionBody, CompletionBody, DetokenizeBody, TokenizeBody
@@ -228,6 +228,15 @@ def usage(result: GenerationResult) -> dict[str, int]:
     }
 
 
+def _by_text(candidates: list[TokenProb]) -> dict[str, float]:
+    """{token text: logprob}, best first; candidates that spell the same text (byte tokens of one
+    character) keep the best one's place and value instead of overwriting it with a worse one."""
+    out: dict[str, float] = {}
+    for candidate in candidates:
+        out.setdefault(candidate.token, candidate.logprob)
+    return out
+
+
 def openai_logprobs(chunks: list[TokenChunk]) -> dict[str, Any]:
     """OpenAI's legacy completion logprobs; ST reads `top_logprobs[0]` as {token: logprob}."""
     offsets, offset = [], 0
@@ -237,6 +246,6 @@ def openai_logprobs(chunks: list[TokenChunk]) -> dict[str, Any]:
     return {
         "tokens": [c.text for c in chunks],
         "token_logprobs": [c.logprob for c in chunks],
-        "top_logprobs": [{p.token: p.logprob for p in logprob_entries(c)} for c in chunks],
+        "top_logprobs": [_by_text(logprob_entries(c)) for c in chunks],
         "text_offset": offsets,
     }
