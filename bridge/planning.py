@@ -137,7 +137,6 @@ def plan_load(header: GGUFHeader, report: HardwareReport, chosen: dict[str, Any]
     placement = result.placement()
     summary |= {"n_gpu_layers": bd.gpu_layers, "placement": placement.to_dict(), "budget": budget,
                 "planned": planned_per_device(summary)}
-    summary["speed"] = predict_decode(summary, report, info)
     kv_type = bd.kv_type_k if bd.kv_type_k == bd.kv_type_v else None
     return LoadPlan(bd.n_ctx if chosen.get("n_ctx") is None else int(chosen["n_ctx"]), kv_type,
                     bd.flash_attn, placement, summary)
@@ -162,37 +161,3 @@ def planned_per_device(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
         name = device.get("device") or HOST
         planned[name] = {k: float(device.get(k, 0.0)) for k in ("weights_mib", "kv_mib", "compute_mib")}
     return planned
-
-
-# --- speed of a placement ------------------------------------------------------------------------------
-
-# Round trips per token for each device on another machine: the activations go over, the graph runs there
-# (llama.cpp's RPC is request/response per command), the result comes back with the next device's input.
-RPC_ROUND_TRIPS_PER_TOKEN = 2
-# Share of a memory system's peak bandwidth that token generation reaches (weights streamed once per token).
-BANDWIDTH_EFFICIENCY = 0.7
-
-
-def predict_decode(summary: dict[str, Any], report: HardwareReport, info: ModelInfo) -> dict[str, Any] | None:
-    """Decode speed of the planned placement: every device reads its share of the weights once per token
-    (the routed experts in proportion of the experts used), at its memory bandwidth, one after the other,
-    plus the network round trips to devices on other machines (measured once per worker). None when a
-    device's bandwidth is unknown."""
-    gpus = {fit.device_name(g, g.index): g for g in report.usable_gpus}
-    active = info.n_params_active / info.n_params if info.n_params else 1.0
-    seconds, network_ms = 0.0, 0.0
-    for device in summary.get("devices", []):
-        name = device.get("device") or HOST
-        gpu = gpus.get(name)
-        bandwidth = report.cpu_bandwidth_gbs if name == HOST else (gpu.bandwidth_gbs if gpu else None)
-        weights = float(device.get("weights_mib", 0.0))
-        if weights <= 0:
-            continue
-        if not bandwidth:
-            return None
-        seconds += weights * active * (1 << 20) / (bandwidth * 1e9 * BANDWIDTH_EFFICIENCY)
-        if gpu is not None and gpu.rpc_endpoint:
-            network_ms += RPC_ROUND_TRIPS_PER_TOKEN * (gpu.rtt_ms or 0.0)
-    total = seconds + network_ms / 1000
-    return {"tokens_per_s": round(1 / total, 1) if total > 0 else None,
-            "network_ms_per_token": round(network_ms, 2)}

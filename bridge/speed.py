@@ -16,6 +16,10 @@ Where the figures come from:
   tests' profiles) use the estimates below and say so.
 * **A GPU** is not measured (a small model cannot keep one busy): decode at 70 % of its memory bandwidth
   (fit-reference.md 5.5.3), prompt processing at GPU_FLOP_PER_BYTE FLOPs per byte/s of bandwidth.
+* **Devices on other machines** (workers, RPC servers) add their network round trips: two per written token
+  (the activations go over and the graph runs; llama.cpp's RPC is request/response per command), measured
+  once per worker as the median TCP connect time. A worker that lends its CPU computes like this machine's
+  CPU does per byte/s of its bandwidth.
 * **Layers and experts kept in RAM next to a GPU**: llama.cpp copies their weights to the GPU for each
   batch of the prompt (fit-reference.md 1.3: a CUDA build offloads large-batch matrix products), so their
   prompt time is the copy over PCIe, once per 512 tokens.
@@ -43,6 +47,7 @@ GPU_FLOP_PER_BYTE = 56.0
 CPU_GFLOPS_PER_CORE = 140.0
 # Host-to-GPU copies of weights kept in RAM, during prompt batches: PCIe 3.0 x16 in practice (4.0 doubles it).
 PCIE_GBS = 12.0
+RPC_ROUND_TRIPS_PER_TOKEN = 2
 
 
 @dataclass(frozen=True)
@@ -122,9 +127,11 @@ def predict(cost: ModelCost, bd: fit.Breakdown, report: HardwareReport, cpu: Cpu
     prompt = prompt_terms(cost, bd, gpus, cpu, kv_len=n_prompt / 2)
     decode_s, prompt_s = sum(decode), sum(prompt)
     names = [fit.device_name(gpu, i) for i, gpu in enumerate(gpus[:len(bd.gpus)])] + ["CPU"]
+    network = [network_seconds(gpu) for gpu in gpus[:len(bd.gpus)]] + [0.0]
     devices: list[dict[str, object]] = [
         {"device": name, "decode_ms_per_token": round(d * 1000, 3), "prompt_ms_per_token": round(q * 1000, 3)}
-        for name, d, q in zip(names, decode, prompt, strict=False)
+        | ({"network_ms_per_token": round(n * 1000, 3)} if n else {})
+        for name, d, q, n in zip(names, decode, prompt, network, strict=False)
     ]
     return Prediction(1 / decode_s if decode_s else 0.0, 1 / prompt_s if prompt_s else 0.0,
                       n_prompt * prompt_s + decode_s, bd.n_ctx, cpu.note, devices)
@@ -143,6 +150,7 @@ def decode_terms(cost: ModelCost, bd: fit.Breakdown, gpus: Sequence[GPUInfo], cp
     """Seconds per written token on each device (GPUs, then the host): each streams its weights (a
     token's share of the experts) and half the context's KV cache (a chat midway), one after the other."""
     terms = [(dev.weights_mib * cost.active + dev.kv_mib / 2) * fit.MIB / _gpu_bandwidth(gpu)
+             + (network_seconds(gpu) if dev.weights_mib else 0.0)
              for dev, gpu in zip(bd.gpus, gpus, strict=False)]
     embd = 0 if cost.tied_output else cost.embd_bytes
     host = max(bd.host.weights_mib * fit.MIB - embd, 0.0)
@@ -162,12 +170,28 @@ def prompt_terms(cost: ModelCost, bd: fit.Breakdown, devices: Sequence[GPUInfo],
         holds_output = output_on_gpu and i == len(gpus) - 1
         weights = dev.weights_mib * fit.MIB - (cost.output_bytes if holds_output else 0)
         share = layers_on_gpu * dev.weights_mib / on_gpus
-        terms.append(cost.prompt_flops(max(weights, 0.0), kv_len, share) / _gpu_flops(gpu))
+        terms.append(cost.prompt_flops(max(weights, 0.0), kv_len, share) / _device_flops(gpu, cpu))
     host = bd.host.weights_mib * fit.MIB - cost.embd_bytes - (0 if output_on_gpu else cost.output_bytes)
     host_flops = cost.prompt_flops(max(host, 0.0), kv_len, 1.0 - layers_on_gpu)
-    if gpus:  # the GPU computes the batch; the host's weights (a batch uses all the experts) cross PCIe
-        return [*terms, max(host, 0.0) / (PCIE_GBS * 1e9 * N_UBATCH) + host_flops / _gpu_flops(gpus[0][1])]
+    # A local GPU computes the batch; the host's weights (a batch uses all the experts) cross PCIe. Devices
+    # on other machines take no such work (llama.cpp's RPC backend offloads no ops): the host computes it.
+    local = next((gpu for _, gpu in gpus if not gpu.rpc_endpoint), None)
+    if local is not None:
+        return [*terms, max(host, 0.0) / (PCIE_GBS * 1e9 * N_UBATCH) + host_flops / _gpu_flops(local)]
     return [*terms, host_flops / cpu.flops_per_s]
+
+
+def network_seconds(gpu: GPUInfo) -> float:
+    """Round trips per written token to a device on another machine (0 for this machine's own)."""
+    if not gpu.rpc_endpoint or not gpu.rtt_ms:
+        return 0.0
+    return RPC_ROUND_TRIPS_PER_TOKEN * gpu.rtt_ms / 1000
+
+
+def _device_flops(gpu: GPUInfo, cpu: CpuSpeed) -> float:
+    if gpu.kind == "cpu":  # a worker lending its CPU: this machine's FLOPs per byte/s of bandwidth
+        return _gpu_bandwidth(gpu) * cpu.flops_per_s / cpu.bytes_per_s
+    return _gpu_flops(gpu)
 
 
 def _gpu_bandwidth(gpu: GPUInfo) -> float:
