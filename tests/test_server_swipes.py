@@ -45,18 +45,18 @@ def body(api_type: str, n: int, *, stream: bool, length: int = 12) -> dict[str, 
 
 
 async def test_llamacpp_streams_three_swipes_with_their_index(bridge_server) -> None:
-    async with aiohttp.ClientSession(bridge_server.url) as http:
-        async with http.post("/completion", json=body("llamacpp", 3, stream=True)) as reply:
-            assert reply.status == 200
-            text, swipes = st_stream(await reply.read())
+    async with (aiohttp.ClientSession(bridge_server.url) as http,
+                http.post("/completion", json=body("llamacpp", 3, stream=True)) as reply):
+        assert reply.status == 200
+        text, swipes = st_stream(await reply.read())
     assert text and len(swipes) == 2 and all(swipes)
     assert len({text, *swipes}) == 3
 
 
 async def test_llamacpp_answers_an_array_without_streaming(bridge_server) -> None:
-    async with aiohttp.ClientSession(bridge_server.url) as http:
-        async with http.post("/completion", json=body("llamacpp", 3, stream=False)) as reply:
-            data = await reply.json()
+    async with (aiohttp.ClientSession(bridge_server.url) as http,
+                http.post("/completion", json=body("llamacpp", 3, stream=False)) as reply):
+        data = await reply.json()
     assert isinstance(data, list) and [d["index"] for d in data] == [0, 1, 2]
     assert all(d["content"] and d["stop"] is True for d in data)
     # ST: the message is data[0].content, swipes are data[1..].content.
@@ -66,9 +66,9 @@ async def test_llamacpp_answers_an_array_without_streaming(bridge_server) -> Non
 
 
 async def _single(server) -> Any:
-    async with aiohttp.ClientSession(server.url) as http:
-        async with http.post("/completion", json=body("llamacpp", 1, stream=False)) as reply:
-            return await reply.json()
+    async with (aiohttp.ClientSession(server.url) as http,
+                http.post("/completion", json=body("llamacpp", 1, stream=False)) as reply):
+        return await reply.json()
 
 
 async def test_openai_completions_one_choice_per_reply(bridge_server) -> None:
@@ -92,7 +92,7 @@ async def test_chat_completions_one_choice_per_reply(bridge_server) -> None:
 
 
 async def test_too_many_swipes_are_refused(bridge_server) -> None:
-    async with aiohttp.ClientSession(bridge_server.url) as http:
-        async with http.post("/completion", json=body("llamacpp", 17, stream=False)) as reply:
-            assert reply.status == 400
-            assert "n" in (await reply.json())["error"]["message"]
+    async with (aiohttp.ClientSession(bridge_server.url) as http,
+                http.post("/completion", json=body("llamacpp", 17, stream=False)) as reply):
+        assert reply.status == 400
+        assert "n" in (await reply.json())["error"]["message"]

@@ -23,7 +23,8 @@ from bridge.engine.worker import Runner
 on_engine = pytest.mark.asyncio(loop_scope="module")
 
 PROMPT = ("<|im_start|>system\nYou are Sir Aldric, a knight who guards the castle.<|im_end|>\n"
-          "<|im_start|>user\nTell me the story of the dragon and the moon.<|im_end|>\n<|im_start|>assistant\n")
+          "<|im_start|>user\nTell me the story of the dragon and the moon.<|im_end|>\n"
+          "<|im_start|>assistant\n")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -71,7 +72,7 @@ async def test_three_swipes_evaluate_the_prompt_once(engine: Engine) -> None:
 @on_engine
 async def test_each_swipe_is_the_reply_its_seed_gives_alone(engine: Engine) -> None:
     """Batched swipe i with seed s is exactly the ordinary reply with seed s + i."""
-    chunks, result = await run(engine, request(3, seed=5, max_tokens=12))
+    chunks, _ = await run(engine, request(3, seed=5, max_tokens=12))
     batched = texts(chunks, 3)
     for i in range(3):
         _, alone = await run(engine, request(1, seed=5 + i, max_tokens=12))
@@ -88,7 +89,8 @@ async def test_a_swipe_after_a_finished_reply_reuses_the_cached_prompt(engine: E
     assert again.timings.prompt_n <= 2
 
 
-def test_one_sequence_contexts_run_the_swipes_in_turn(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_sequence_contexts_run_the_swipes_in_turn(tiny_model: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A context with one sequence (what sliding-window and recurrent models get) still answers `n`:
     round after round, each evaluating one prompt token again for its logits."""
     monkeypatch.setattr(swipes, "capacity", lambda model: 1)
