@@ -305,7 +305,8 @@ def token_bans(value: Any) -> list[int]:
         return []
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, list):
-        raise BadRequest('`custom_token_bans` must be token ids separated by commas, e.g. "13,198", or a list')
+        raise BadRequest('`custom_token_bans` must be token ids separated by commas, e.g. "13,198", '
+                         "or a list of them")
     try:
         return [int(str(item).strip()) for item in items if str(item).strip()]
     except ValueError as exc:
