@@ -52,6 +52,8 @@ def test_the_panel_adds_a_worker_and_shows_the_split_after_a_load(stage: Stage) 
         assert cells[2] != "—"  # llama.cpp's allocation on the worker is shown beside the plan
         page.screenshot("panel-worker")
     finally:
-        call(stage, "DELETE", f"/bridge/v1/workers/{worker.address}")
-        call(stage, "POST", "/bridge/v1/load", {"gpu_layers": "auto"})  # this machine alone again
-        worker.stop()
+        try:
+            call(stage, "DELETE", f"/bridge/v1/workers/{worker.address}")
+            call(stage, "POST", "/bridge/v1/load", {"gpu_layers": "auto"})  # this machine alone again
+        finally:
+            worker.stop()
