@@ -137,6 +137,12 @@ def panel_error(page: BrowserPage, contains: str, timeout_s: float = 30) -> str:
                         arg=contains)
 
 
+def switch_quant(page: BrowserPage, quant: str) -> None:
+    """What clicking the quant's chip does, once the panel lists the loaded model's quants."""
+    page.wait_js("(q) => window.stBridge.quants.some((x) => x.quant === q && x.id)", 30, arg=quant)
+    page.js("(q) => window.stBridge.switchQuant(q)", quant)
+
+
 def generate(page: BrowserPage) -> str:
     return page.js("""async () => (await SillyTavern.getContext()
         .executeSlashCommandsWithOptions('/genraw instruct=off Once upon a time')).pipe""")
@@ -224,7 +230,7 @@ def test_a_phone_on_the_lan_uses_the_panel_through_sillytaverns_server(scene: Sc
 
     use_in_sillytavern(view)  # ST's server reaches the bridge on its own loopback
     assert str(generate(page)).strip()
-    page.js("() => window.stBridge.switchQuant('Q6_K')")  # a management call, through ST's server
+    switch_quant(page, "Q6_K")  # a management call, through ST's server
     wait_online(view, "tiny-llama-Q6_K", 60)
     assert bridge.status()["model"] == "tiny-llama-Q6_K"
     assert from_phone == [], "the phone's browser called its own loopback"
@@ -306,7 +312,7 @@ def test_a_bridge_on_another_machine_is_managed_by_address_and_name_with_its_key
     view.browser.page.evaluate("() => window.stBridge.retarget()")
     wait_bridge_state(view, "ready")
     for quant in ("Q4_K_M", "Q8_0"):  # quant switches, by address, from the panel
-        page.js(f"() => window.stBridge.switchQuant('{quant}')")
+        switch_quant(page, quant)
         page.wait_js("(m) => window.stBridge.status?.model === m"
                      " && window.stBridge.status?.state === 'ready'", 60, arg=f"tiny-llama-{quant}")
     show_panel(view)
