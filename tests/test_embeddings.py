@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 from pathlib import Path
 
 import aiohttp
 import llama_cpp
 import numpy as np
+import psutil
 import pytest
 
 from bridge.companions.families import BGE_QUERY
@@ -175,7 +174,7 @@ async def test_swapping_the_embedding_model_is_announced_and_a_crash_touches_not
 
     pid = server.status()["companions"]["embedding"]["pid"]
     chat_pid = server.status()["pid"]
-    os.kill(pid, signal.SIGKILL)
+    psutil.Process(pid).kill()
     status, reply = await _post(server, "/v1/embeddings", {"input": "hi"})
     assert status in (502, 503), reply  # this request fails with the reason ...
     assert "SIGKILL" in reply["error"]["message"] or "not answer" in reply["error"]["message"] or \

@@ -249,7 +249,7 @@ async def test_a_failed_load_leaves_the_previous_model_serving_and_says_why(
     server = start_bridge("--model", "tiny-llama-Q8_0", "--ctx", "1024", models=own)
     failures = {
         "cut-short": ({"model": "cut-short"}, 422, "truncated"),
-        "too big": ({"ctx": 1 << 30}, 507, "does not fit"),
+        "too big": ({"ctx": 1 << 24}, 507, "does not fit"),  # the largest context a request may ask
         "missing-tensor": ({"model": "missing-tensor"}, 502, "output_norm"),
     }
     async with aiohttp.ClientSession(server.url) as http, watching(http) as events:

@@ -10,9 +10,7 @@ process frozen with SIGSTOP) is stopped after the load stall time and reported.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -103,7 +101,7 @@ async def test_a_load_that_makes_no_progress_is_stopped_and_reported(tiny_model:
     before = {p.pid for p in psutil.Process().children()}
     loading = asyncio.ensure_future(engine.load(spec(tiny_model)))
     worker = await _new_child(before)
-    os.kill(worker.pid, signal.SIGSTOP)  # frozen mid-load: alive, silent
+    worker.suspend()  # frozen mid-load: alive, silent
     started = time.monotonic()
     with pytest.raises(EngineError, match="no progress for 2 s"):
         await asyncio.wait_for(loading, 30)
@@ -118,7 +116,7 @@ async def test_a_load_that_never_finishes_is_bounded(tiny_model: Path) -> None:
     engine = Engine(load_stall_s=60.0, load_timeout_s=1.0)
     before = {p.pid for p in psutil.Process().children()}
     loading = asyncio.ensure_future(engine.load(spec(tiny_model)))
-    os.kill((await _new_child(before)).pid, signal.SIGSTOP)
+    (await _new_child(before)).suspend()
     with pytest.raises(EngineError, match="had not finished after 1 s"):
         await asyncio.wait_for(loading, 30)
     await engine.close()

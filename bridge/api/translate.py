@@ -260,7 +260,11 @@ def grammar(body: SamplerBody) -> str:
     if body.json_schema:
         from llama_cpp.llama_grammar import json_schema_to_gbnf  # heavy import, only when asked
 
-        return json_schema_to_gbnf(json.dumps(body.json_schema))
+        try:
+            return json_schema_to_gbnf(json.dumps(body.json_schema))
+        except Exception as exc:  # the converter asserts on what it does not know: the client's schema
+            why = exc or type(exc).__name__
+            raise BadRequest(f"`json_schema` cannot be turned into a grammar: {why}") from exc
     return body.grammar or body.grammar_string or ""
 
 

@@ -74,8 +74,8 @@ async def run(host: str, port: int, threads: int | None, devices: list[str], mem
               f"info on http://{host}:{info_port(port)}{INFO_PATH}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):  # Windows: Ctrl+C still raises KeyboardInterrupt
+        if sys.platform != "win32":  # on Windows Ctrl+C raises KeyboardInterrupt, which ends the run too
+            for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
         while not stop.is_set() and child.poll() is None:
             with contextlib.suppress(TimeoutError):
