@@ -10,6 +10,7 @@ process frozen with SIGSTOP) is stopped after the load stall time and reported.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import AsyncIterator
@@ -123,10 +124,13 @@ async def test_a_load_that_never_finishes_is_bounded(tiny_model: Path) -> None:
 
 
 async def _new_child(before: set[int]) -> psutil.Process:
-    """The engine worker the load just spawned (not the multiprocessing resource tracker)."""
-    for _ in range(500):
+    """The engine worker the load just spawned (not the multiprocessing resource tracker), once it runs
+    its own program: stopped between fork and exec it would hold the spawning thread, not the worker."""
+    for _ in range(2000):
         for child in psutil.Process().children():
-            if child.pid not in before and "resource_tracker" not in " ".join(child.cmdline()):
-                return child
+            with contextlib.suppress(psutil.Error):
+                command = " ".join(child.cmdline())
+                if child.pid not in before and "spawn_main" in command and "resource_tracker" not in command:
+                    return child
         await asyncio.sleep(0.005)
     raise AssertionError("no worker process appeared")
