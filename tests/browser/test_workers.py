@@ -41,7 +41,8 @@ def test_the_panel_adds_a_worker_and_shows_the_split_after_a_load(stage: Stage) 
         wait_worker_state(stage, row, "ready")
         assert "CPU" in page.page.locator(f"{row} .st-bridge-worker-devices").inner_text()
 
-        call(stage, "POST", "/bridge/v1/load", {"gpu_layers": "auto"})  # planned again, with the worker
+        # planned again, with the worker (an f16 cache, as the lent memory was sized for)
+        call(stage, "POST", "/bridge/v1/load", {"gpu_layers": "auto", "kv_type": "f16"})
         plan = stage.bridge.status()["plan"]
         assert plan["placement"]["rpc_servers"] == [worker.address]
         assert 0 < sum(plan["placement"]["layers"]) <= plan["n_layer"]  # some layers stay on the CPU
