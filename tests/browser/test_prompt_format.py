@@ -8,7 +8,9 @@ swipes are generated in one request and all shown (ST 1.19; 1.12 has no multi-sw
 
 from __future__ import annotations
 
+import json
 import shutil
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +156,19 @@ def test_the_prompt_format_follows_the_model_and_st_sends_its_own_prompt(stage: 
         page.page.click("#st_bridge_format_apply")
         wait_preset(stage, "tiny-llama3 (st-bridge)")
         page.page.locator("#st_bridge_format_state", has_text="SillyTavern writes this format").wait_for()
+
+        # Automatic off: a swap leaves ST's presets as they are (the user's own choice stands).
+        page.js("() => $('#st_bridge_auto').prop('checked', false).trigger('change')")
+        request = urllib.request.Request(stage.bridge.url + "/bridge/v1/load", method="POST",
+                                         data=json.dumps({"model": CHATML_MODEL}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=120).close()
+        page.wait_js("(m) => document.querySelector('#st_bridge_model_name')?.textContent === m", 60,
+                     arg=CHATML_MODEL)
+        page.page.wait_for_timeout(2000)  # the panel has handled the swap's events by now
+        assert selected_instruct(stage)["preset"] == "tiny-llama3 (st-bridge)"
     finally:
+        page.js("() => $('#st_bridge_auto').prop('checked', true).trigger('change')")
         if stage.bridge.status()["model"] != CHATML_MODEL:
             load_from_panel(stage, CHATML_MODEL)
         (models / f"{LLAMA3_MODEL}.gguf").unlink(missing_ok=True)
