@@ -329,11 +329,18 @@ def test_gpu_present_but_build_cannot_offload() -> None:
     assert "not usable by this llama-cpp-python build" in summary_line(report)
 
 
+def _builds_local_gpu() -> bool:
+    """Whether the installed llama.cpp has a local GPU device (RPC compiled in does not count)."""
+    from bridge.devices import ggml
+
+    return any(d.offloads and not d.is_rpc for d in ggml.devices_without_memory())
+
+
 def test_gpu_present_with_the_installed_cpu_build() -> None:
     import llama_cpp
 
-    if llama_cpp.llama_supports_gpu_offload():
-        pytest.skip("the installed llama-cpp-python can offload")
+    if _builds_local_gpu():
+        pytest.skip("the installed llama-cpp-python can offload to a GPU")
     report = probe(nvml=FakeNVML([RTX_3080]))
     assert is_prebuilt_install(report.reinstall_command, llama_cpp.__version__)
 
@@ -430,8 +437,8 @@ def test_cli_shows_gpus_and_the_fix(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     import llama_cpp
 
-    if llama_cpp.llama_supports_gpu_offload():
-        pytest.skip("the installed llama-cpp-python can offload")
+    if _builds_local_gpu():
+        pytest.skip("the installed llama-cpp-python can offload to a GPU")
     monkeypatch.setitem(sys.modules, "pynvml", FakeNVML([RTX_3080, RTX_3090]))
     assert main(["hardware"]) == 0
     out = capsys.readouterr().out
