@@ -33,7 +33,7 @@ from ..devices.actual import parse_load_log
 from ..devices.placement import DevicePlacement, model_params
 from ..engine import llama_log
 from ..engine.vocab import init_backend, tokenize
-from ..engine.worker import default_threads
+from ..engine.worker import LoadFailed, default_threads, serve_loaded
 from .families import POOLING_NAMES
 
 POOLING_IDS = {name: number for number, name in POOLING_NAMES.items()}
@@ -52,8 +52,6 @@ class EmbeddingSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class LoadFailed(Exception):
-    pass
 
 
 class EmbeddingRunner:
@@ -176,18 +174,7 @@ def _reason(fallback: str) -> str:
 def run(conn: Connection, spec: EmbeddingSpec) -> None:
     """Entry point of the embedding worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        runner = EmbeddingRunner(spec)
-    except LoadFailed as exc:
-        conn.send(("load_error", str(exc)))
-        return
-    conn.send(("ready", runner.info()))
-    try:
-        _serve(conn, runner)
-    except (EOFError, BrokenPipeError, OSError):
-        pass
-    finally:
-        runner.close()
+    serve_loaded(conn, lambda: EmbeddingRunner(spec), _serve)
 
 
 def _serve(conn: Connection, runner: EmbeddingRunner) -> None:

@@ -529,14 +529,20 @@ def run(conn: Connection, spec: LoadSpec) -> None:
     """Entry point of the worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle; it closes us
     progress = _Progress(conn)
+    serve_loaded(conn, lambda: Runner.load(spec, on_progress=progress), _serve)
+
+
+def serve_loaded(conn: Connection, load: Any, serve: Any) -> None:
+    """A worker child's protocol with the server, for every kind of model: load, then say "ready" with the
+    runner's info (or "load_error" with why), serve until the server goes away, free the model."""
     try:
-        runner = Runner.load(spec, on_progress=progress)
+        runner = load()
     except LoadFailed as exc:
         conn.send(("load_error", str(exc)))
         return
     conn.send(("ready", runner.info()))
     try:
-        _serve(conn, runner)
+        serve(conn, runner)
     except (EOFError, BrokenPipeError, OSError):
         pass  # the server went away: nothing to report to
     finally:
