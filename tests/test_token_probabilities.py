@@ -11,6 +11,7 @@ tail.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -88,6 +89,10 @@ async def test_an_alternative_token_is_continued_from_the_cache(bridge_server) -
                                 for alt in (p["tok_str"] for p in probs[i]["probs"])
                                 if alt != probs[i]["content"] and _whole(alt))
         kept = "".join(p["content"] for p in probs[:cut])
+        # The user reads the candidates before clicking one; meanwhile the worker re-spells the reply as the
+        # tokenizer will spell it in ST's next prompt (Runner.settle: random weights rarely generate the
+        # tokenizer's spelling), so the kept text is found in the cache.
+        await asyncio.sleep(1.0)
         again = st_body("llamacpp", 8, prompt=PROMPT + kept + alternative, ignore_eos=True, stream=False,
                         seed=3)
         async with http.post("/completion", json=again) as reply:

@@ -197,8 +197,10 @@ class ModelManager:
                 self._announce_ready()  # the previous model, when it is serving again
                 self.bus.publish("status", self.status_dict())
                 raise
+            # Before the new plan shows in the status: a client that sees the model loaded sees its speeds.
+            speed = await asyncio.to_thread(self._watch_speed, spec, plan)
             self._incoming = None
-            self.info, self._overrides = info, requested
+            self.info, self._overrides, self.speed = info, requested, speed
             self.companions.chat_loaded(plan)
             remember_model(self.settings, spec.model_path)
             self.plan = plan | {
@@ -207,7 +209,6 @@ class ModelManager:
                 "kv_type": status.kv_type,
                 "flash_attn": status.flash_attn,
             } | self._check_allocation(spec.model_id, plan, status)
-            self.speed = await asyncio.to_thread(self._watch_speed, spec, plan)
             self._announce_ready()
             self.bus.publish("model_loaded", named | {"plan": self.plan})
             self.bus.publish("status", self.status_dict())
