@@ -308,14 +308,16 @@ def best_quant(candidates: list[Candidate]) -> Candidate | None:
 
 def model_quants(
     catalog: Catalog, models_dir: Path, model: str, report: HardwareReport, *, n_ctx: int = DEFAULT_CTX,
-    cpu: speed.CpuSpeed | None = None,
+    cpu: speed.CpuSpeed | None = None, path: Path | None = None,
 ) -> dict[str, Any]:
     """The quant switcher: the quants of a catalog repository or of a local model's repository.
 
     `model` is a catalog repository (`owner/name`) or a local model id. Each quant says whether it is
     already in the models dir (its local id) or downloadable, with its verdict and speed here.
     """
-    repo = repo_of(catalog, models_dir, model)
+    repo = find_repo(catalog, models_dir, model, path)
+    if repo is None:  # a model of the folder all the same: no other quants to offer, which is no error
+        return {"repo": None, "n_ctx": n_ctx, "best": None, "quants": [], "note": _unknown_repo(model)}
     local = _local_files(models_dir, repo)
     options = quants(catalog, repo, report, n_ctx=n_ctx, cpu=cpu)
     for c in options:
@@ -329,23 +331,33 @@ def model_quants(
     }
 
 
-def repo_of(catalog: Catalog, models_dir: Path, model: str) -> str:
-    """The catalog repository of a repository name or a local model id (`owner/name/file-stem`)."""
+def repo_of(catalog: Catalog, models_dir: Path, model: str, path: Path | None = None) -> str:
+    """The catalog repository of a repository name or a local model id (`owner/name/file-stem`) whose
+    file is `path` (found in `models_dir` when not given)."""
+    repo = find_repo(catalog, models_dir, model, path)
+    if repo is None:
+        raise NotFound(_unknown_repo(model), model=model)
+    return repo
+
+
+def find_repo(catalog: Catalog, models_dir: Path, model: str, path: Path | None = None) -> str | None:
+    """`repo_of`, or None for a local model from no catalog repository (an unknown id is NotFound)."""
     if (found := catalog.find(model)) is not None:
         return found.repo
     library.check_id(model)
     parts = model.split("/")
     if len(parts) >= 3 and (found := catalog.find("/".join(parts[:2]))) is not None:
         return found.repo
-    name = Path(library.resolve(models_dir, model).path).name
+    name = (path or library.resolve(models_dir, model).path).name
     for m in catalog.models:
         if any(p.path.endswith(name) for f in m.files for p in f.parts):
             return m.repo
-    raise NotFound(
-        f"{model} is not from a catalog repository, so its other quants are unknown; "
-        "`st-bridge catalog` lists the repositories it knows",
-        model=model,
-    )
+    return None
+
+
+def _unknown_repo(model: str) -> str:
+    return (f"{model} is not from a catalog repository, so its other quants are unknown; "
+            "`st-bridge catalog` lists the repositories it knows")
 
 
 def _local_files(models_dir: Path, repo: str) -> dict[str, str]:

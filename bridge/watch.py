@@ -1,5 +1,5 @@
 """Keeps the models list current: watches the models dir (sub-folders included) with watchfiles and
-announces `models_changed` when a model appears or goes away.
+announces `models_changed` when a model or a vision projector appears or goes away.
 
 Changes are debounced (a copy writes thousands of times; one announcement follows) and partial files
 (`*.incomplete` while downloading, see `library.PARTIAL_SUFFIXES`) are ignored, so a download announces its
@@ -34,12 +34,16 @@ def _worth_a_look(_change: watchfiles.Change, path: str) -> bool:
 
 
 def model_ids(root: Path) -> set[str]:
-    return {model.id for model in library.scan(root)}
+    """The models' ids and the projectors' (listed apart from the models, and a companion's choice)."""
+    return {model.id for model in library.scan(root)} | {p.id for p in library.projectors(root)}
 
 
 def difference(before: set[str], after: set[str]) -> dict[str, Any]:
-    """The `models_changed` event's data."""
-    return {"models": sorted(after), "added": sorted(after - before), "removed": sorted(before - after)}
+    """The `models_changed` event's data: the models now, then every id that came or went."""
+    models = sorted(i for i in after if not library.is_projector(i))
+    projectors = sorted(i for i in after if library.is_projector(i))
+    return {"models": models, "projectors": projectors, "added": sorted(after - before),
+            "removed": sorted(before - after)}
 
 
 async def watch_models(root: Path, on_change: OnChange, *, debounce_ms: int = DEBOUNCE_MS) -> None:

@@ -5,7 +5,7 @@
 
 import { urlForSillyTavern } from './connect.js';
 import { formatBytes } from './format.js';
-import { saveSettings, stContext, toast } from './host.js';
+import { TEXTGEN_TYPES, atLeast, saveSettings, sillyTavernVersion, stContext, toast } from './host.js';
 
 const $p = (/** @type {string} */ id) => $(`#st_bridge_${id}`);
 
@@ -41,9 +41,9 @@ export function wireCompanions(controller) {
         await act(controller, 'POST', '/companions/vision', { projector }, 'Vision');
         refresh();
     });
-    $p('companions_setup').on('click', () => {
+    $p('companions_setup').on('click', async () => {
         const url = urlForSillyTavern(controller.settings.url, controller.settings.docker);
-        const done = pointSillyTavernAt(url);
+        const done = await pointSillyTavernAt(url);
         toast('success', `${done.join(' and ')} now use the bridge at ${url}.`, 'st-bridge');
     });
 }
@@ -64,31 +64,47 @@ async function act(controller, method, path, body, title) {
 }
 
 /**
- * One click: Vector Storage's source KoboldCpp (its index is then scoped by the embedding model's name, so a
- * swap never mixes two models' vectors) and Caption's multimodal source KoboldCpp, both on the bridge's URL
- * as their own endpoint, whatever the chat connection is.
- * @param {string} url the bridge as SillyTavern's server reaches it
- * @returns {string[]} what was set
+ * ST releases from 1.13 on ask a KoboldCpp source for its model's name before reading their index; older
+ * ones read it without the name and never find what they stored, so they vectorise the chat for ever.
  */
-export function pointSillyTavernAt(url) {
+const KOBOLD_VECTORS_SINCE = [1, 13, 0];
+
+/**
+ * One click: Vector Storage's source KoboldCpp where ST can use it (its index is then scoped by the
+ * embedding model's name, so a swap never mixes two models' vectors), else llama.cpp, and Caption's
+ * multimodal source KoboldCpp, both on the bridge's URL as their own endpoint, whatever the chat
+ * connection is.
+ *
+ * Vector Storage works on its own copy of its settings, which only its controls' handlers update: each is
+ * set through its control, as a user would. Caption reads ST's extension settings directly. ST 1.12's Caption
+ * has no endpoint of its own and takes ST's KoboldCpp server URL, which is then set to the bridge too.
+ * @param {string} url the bridge as SillyTavern's server reaches it
+ * @returns {Promise<string[]>} what was set
+ */
+export async function pointSillyTavernAt(url) {
     const all = stContext().extensionSettings;
     const done = [];
-    if (all.vectors) {
-        Object.assign(all.vectors, { source: 'koboldcpp', use_alt_endpoint: true, alt_endpoint_url: url });
-        $('#vectors_source').val('koboldcpp').trigger('change');
-        $('#vectors_use_alt_endpoint').prop('checked', true);
-        $('#vectors_alt_endpoint_url').val(url);
-        done.push('Vector Storage');
+    if ($('#vectors_source').length) {
+        const source = atLeast(await sillyTavernVersion(), KOBOLD_VECTORS_SINCE) ? 'koboldcpp' : 'llamacpp';
+        $('#vectors_source').val(source).trigger('change');
+        $('#vector_altEndpointUrl_enabled').prop('checked', true).trigger('input');
+        $('#vector_altEndpoint_address').val(url).trigger('change');
+        done.push(`Vector Storage (source ${source === 'koboldcpp' ? 'KoboldCpp' : 'llama.cpp'})`);
     }
     all.caption ??= {};
-    Object.assign(all.caption, {
-        source: 'multimodal', multimodal_api: 'koboldcpp', multimodal_model: 'koboldcpp_current',
-        alt_endpoint_enabled: true, alt_endpoint_url: url,
-    });
-    $('#caption_source').val('multimodal');
-    $('#caption_multimodal_api').val('koboldcpp');
-    $('#caption_altEndpoint_enabled').prop('checked', true);
-    $('#caption_altEndpoint_url').val(url);
+    Object.assign(all.caption, { source: 'multimodal', multimodal_api: 'koboldcpp', multimodal_model: 'koboldcpp_current' });
+    // Through Caption's controls too, so its panel shows the blocks for that source.
+    $('#caption_source').val('multimodal').trigger('change');
+    $('#caption_multimodal_api').val('koboldcpp').trigger('change');
+    $('#caption_multimodal_model').val('koboldcpp_current').trigger('change');
+    all.caption.multimodal_model = 'koboldcpp_current'; // when the control is missing, the change did nothing
+    if ($('#caption_altEndpoint_url').length) {
+        $('#caption_altEndpoint_enabled').prop('checked', true).trigger('input');
+        $('#caption_altEndpoint_url').val(url).trigger('input');
+        Object.assign(all.caption, { alt_endpoint_enabled: true, alt_endpoint_url: url });
+    } else {
+        $(TEXTGEN_TYPES.koboldcpp.url).val(url).trigger('input');
+    }
     done.push('Captions');
     saveSettings();
     return done;
@@ -102,7 +118,8 @@ function renderCompanions(data) {
     setOptions($p('embedding_pick'), [['', 'none'], ...local.embedding.map((/** @type {any} */ e) =>
         [e.id, `${e.id} (${formatBytes(e.size_bytes)}${e.fits ? '' : ', does not fit'})`])], embedding?.model ?? '');
     setOptions($p('vision_pick'), [['auto', 'the one beside the model'], ['off', 'none'],
-        ...local.projectors.map((/** @type {any} */ p) => [p.id, `${p.id} (${formatBytes(p.size_bytes)})`])], 'auto');
+        ...local.projectors.map((/** @type {any} */ p) => [p.id, `${p.id} (${formatBytes(p.size_bytes)})`])],
+        vision?.choice ?? 'auto');
     $p('embedding_state').text(describeEmbedding(embedding)).attr('data-state', embedding?.state ?? 'empty');
     $p('vision_state').text(describeVision(vision)).attr('data-state', vision?.projector ? 'ready' : 'empty');
 }

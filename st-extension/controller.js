@@ -321,7 +321,9 @@ export class Controller {
         let remote = [];
         if (model && !this.quantsUnknown.has(model)) {
             try {
-                remote = ((await this.client.quants(model))?.quants ?? []).map(normalizeQuant);
+                const answer = await this.client.quants(model);
+                if (answer?.repo === null) this.quantsUnknown.add(model); // from no known repository
+                remote = (answer?.quants ?? []).map(normalizeQuant);
             } catch (error) {
                 this.quantsUnknown.add(model); // not from a known repository: do not ask again
                 console.info('[st-bridge] quants:', error.message);
@@ -479,4 +481,9 @@ EVENT_HANDLERS.loading = EVENT_HANDLERS.load_progress;
 EVENT_HANDLERS.ready = EVENT_HANDLERS.model_loaded;
 EVENT_HANDLERS.download_error = EVENT_HANDLERS.download_progress;
 EVENT_HANDLERS.download_cancelled = EVENT_HANDLERS.download_progress;
-EVENT_HANDLERS.models_changed = EVENT_HANDLERS.model_loaded; // a file added to or removed from the models dir
+// A file added to or removed from the models folder: the models list, and the companions' (an embedding
+// model or a projector may be what came or went).
+EVENT_HANDLERS.models_changed = (c) => {
+    c.refreshModels();
+    c.emit('companions');
+};

@@ -107,6 +107,32 @@ export function stRequestHeaders() {
     return stContext().getRequestHeaders();
 }
 
+/**
+ * SillyTavern's release, as its server reports it ([major, minor, patch]; [0, 0, 0] when it does not say).
+ * @returns {Promise<number[]>}
+ */
+export async function sillyTavernVersion() {
+    try {
+        const reply = await fetch('/version', { headers: stRequestHeaders() });
+        const { pkgVersion } = await reply.json();
+        return String(pkgVersion).split('.').map((part) => parseInt(part, 10) || 0);
+    } catch {
+        return [0, 0, 0];
+    }
+}
+
+/**
+ * @param {number[]} version
+ * @param {number[]} least
+ * @returns {boolean} `version` is `least` or later
+ */
+export function atLeast(version, least) {
+    for (let i = 0; i < least.length; i++) {
+        if ((version[i] ?? 0) !== least[i]) return (version[i] ?? 0) > least[i];
+    }
+    return true;
+}
+
 export function saveSettings() {
     stContext().saveSettingsDebounced();
 }

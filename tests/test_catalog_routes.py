@@ -101,6 +101,13 @@ async def test_quants_of_a_local_model_say_which_are_here_and_which_fit(bridge):
     missing = await client.get("/bridge/v1/models/nobody/nothing/quants")
     assert missing.status == 404
 
+    # A model of the folder from no catalog repository: no other quants, and a note that says why.
+    (settings.models_path / "mine-Q8_0.gguf").write_bytes(b"GGUF")
+    resp = await client.get("/bridge/v1/models/mine-Q8_0/quants")
+    assert resp.status == 200
+    data = await resp.json()
+    assert data["repo"] is None and data["quants"] == [] and "not from a catalog repository" in data["note"]
+
 
 async def test_a_download_sends_progress_events_and_lands_in_the_models_dir(bridge):
     client, hub, settings = bridge

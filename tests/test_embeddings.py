@@ -105,6 +105,16 @@ async def test_koboldcpp_source_without_content_type_gets_a_stable_model_name(em
         np.testing.assert_allclose(vector, reference(bert_embedder, text), atol=1e-5)
 
 
+async def test_koboldcpp_source_learns_the_model_name_from_an_empty_list(embedding_bridge):
+    """ST 1.19's KoboldCpp source embeds [] before each list or query of its index, for the index's scope."""
+    async with aiohttp.ClientSession(embedding_bridge.url) as http, http.post(
+            "/api/extra/embeddings", data=json.dumps({"input": []}).encode(),
+            headers={"Content-Type": "text/plain;charset=UTF-8"}) as reply:
+        assert reply.status == 200, await reply.text()
+        answer = await reply.json()
+    assert answer["data"] == [] and answer["model"] == "embed/bge-tiny-en-F32"
+
+
 async def test_a_query_gets_its_familys_prefix(embedding_bridge, bert_embedder):
     status, reply = await _post(embedding_bridge, "/v1/embeddings",
                                 {"input": "the cat", "input_type": "query", "model": "whatever"})
@@ -114,7 +124,7 @@ async def test_a_query_gets_its_familys_prefix(embedding_bridge, bert_embedder):
 
 
 async def test_bad_embedding_requests_are_400s_that_say_why(embedding_bridge):
-    for body, words in (({"input": []}, "non-empty"), ({"input": [[1, 2, 3]]}, "token ids"),
+    for body, words in (({"input": 5}, "list of texts"), ({"input": [[1, 2, 3]]}, "token ids"),
                         ({"input": "x", "encoding_format": "hex"}, "encoding_format"), ({}, "`input`")):
         status, reply = await _post(embedding_bridge, "/v1/embeddings", body)
         assert status == 400 and words in reply["error"]["message"], (body, reply)

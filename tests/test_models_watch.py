@@ -11,6 +11,7 @@ from pathlib import Path
 
 import aiohttp
 
+from tests.fixtures import companion_models
 from tests.test_hot_swap import Events, watching
 
 DEADLINE_S = 5.0
@@ -60,12 +61,20 @@ async def test_added_and_removed_files_show_up_within_seconds(
         await wait_listed(http, ["later/tiny-llama-Q6_K", "other-Q4_K_M", "tiny-llama-Q8_0"])
         assert (await changed(events, start))["added"] == ["other-Q4_K_M"]
 
+        # A vision projector is no model of its own, yet its arrival is news: the panel offers it.
+        start = len(events.seen)
+        shutil.copyfile(companion_models.tiny_mmproj(), own / "later" / "mmproj-tiny-llama-F32.gguf")
+        news = await changed(events, start)
+        assert news["added"] == ["later/mmproj-tiny-llama-F32"] and news["projectors"] == news["added"]
+        assert "later/mmproj-tiny-llama-F32" not in news["models"]
+
         start = len(events.seen)
         shutil.rmtree(own / "later")
         (own / "other-Q4_K_M.gguf").unlink()
         await wait_listed(http, ["tiny-llama-Q8_0"])
         removed: set[str] = set()
-        while removed != {"later/tiny-llama-Q6_K", "other-Q4_K_M"}:  # one event, or two close together
+        gone = {"later/tiny-llama-Q6_K", "later/mmproj-tiny-llama-F32", "other-Q4_K_M"}
+        while removed != gone:  # one event, or two close together
             index = await events.wait_for("models_changed", start)
             removed |= set(events.seen[index]["data"]["removed"])
             start = index + 1

@@ -177,7 +177,9 @@ def _quants(app: web.Application, model: str, n_ctx: int) -> dict[str, Any]:
     cat = catalog.load(settings.data_dir)
     report = _machine(app, None, None)
     cpu = _cpu(app, report)
-    return recommend.model_quants(cat, settings.models_path, model, report, n_ctx=n_ctx, cpu=cpu)
+    # A catalog repository's name is no file; a local id (or the loaded model's) is.
+    path = None if cat.find(model) else app[MANAGER_KEY].model_file(model)
+    return recommend.model_quants(cat, settings.models_path, model, report, n_ctx=n_ctx, cpu=cpu, path=path)
 
 
 def _cpu(app: web.Application, report: HardwareReport) -> speed.CpuSpeed:

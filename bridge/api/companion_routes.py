@@ -48,8 +48,10 @@ def _embedding_body(body: Any) -> tuple[list[str], Role, int | None, str]:
         raise BadRequest('send {"input": "text"} or {"input": ["text", ...]}')
     value = body.get("input", body.get("content"))
     texts = [value] if isinstance(value, str) else value
-    if not isinstance(texts, list) or not texts:
-        raise BadRequest('`input` is a text or a non-empty list of texts, as in {"input": ["hello"]}')
+    # An empty list is a question too: ST's KoboldCpp source sends one before every list or query of its
+    # index, to learn the model's name (its index's scope), and needs `data: []` with that name.
+    if not isinstance(texts, list):
+        raise BadRequest('`input` is a text or a list of texts, as in {"input": ["hello"]}')
     if not all(isinstance(t, str) for t in texts):
         raise BadRequest("`input` must hold texts; token ids are not accepted here")
     kind = body.get("input_type") or body.get("task") or "unspecified"
@@ -85,7 +87,8 @@ def _embedding_reply(answer: Vectors, encoding: str) -> dict[str, Any]:
 @routes.get("/bridge/v1/companions")
 async def companions_status(request: web.Request) -> web.Response:
     manager = request.app[MANAGER_KEY]
-    status = manager.companions.status(request.app[ENGINE_KEY].status().vision)
+    engine = request.app[ENGINE_KEY].status()
+    status = manager.companions.status(engine.vision, engine.model_path)
     local = await asyncio.to_thread(_local_files, request.app)
     return web.json_response(status | local)
 

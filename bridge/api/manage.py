@@ -98,7 +98,7 @@ class ModelManager:
             "hint": self.hint(),
             "models_dir": str(self.settings.models_path),
             "speed": self.speed.to_dict() if self.plan else None,
-            "companions": self.companions.status(status.vision),
+            "companions": self.companions.status(status.vision, status.model_path),
         }
 
     # --- loading ---
@@ -171,6 +171,14 @@ class ModelManager:
         # A client that gives up waiting must not cancel a load half-way: it runs as its own task.
         task = asyncio.ensure_future(self._load(spec, plan, model_info(header), requested, cancel_running))
         return await asyncio.shield(task)
+
+    def model_file(self, model: str) -> Path:
+        """The file of a local model id; the loaded model's own file when it is that id (a model loaded from
+        a path outside the models folder has no id there)."""
+        status = self.engine.status()
+        if status.model_id == model and status.model_path:
+            return Path(status.model_path)
+        return library.resolve(self.settings.models_path, model).path
 
     def _locate(self, model: str, trusted: bool) -> tuple[Path, str]:
         if trusted and Path(model).expanduser().is_file():

@@ -8,7 +8,6 @@ from its chat template (bridge/templates); a model without one gets its family's
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -16,7 +15,7 @@ from aiohttp import web
 from .. import catalog, library, recommend
 from ..errors import BridgeError
 from ..templates.model_format import format_for_file
-from . import ENGINE_KEY, SETTINGS_KEY
+from . import MANAGER_KEY, SETTINGS_KEY
 
 routes = web.RouteTableDef()
 
@@ -29,18 +28,9 @@ async def prompt_format(request: web.Request) -> web.Response:
 
 
 def _prompt_format(app: web.Application, model: str) -> dict[str, Any]:
-    path = _path_of(app, model)
+    path = app[MANAGER_KEY].model_file(model)
     fmt = format_for_file(path, model, card_format=_card_format(app, model))
     return {"model": model, **fmt.to_dict()}
-
-
-def _path_of(app: web.Application, model: str) -> Path:
-    """The file of a local model id; the loaded model's own file when it is that id (a model loaded from a
-    path outside the models folder has no id there)."""
-    status = app[ENGINE_KEY].status()
-    if status.model_id == model and status.model_path:
-        return Path(status.model_path)
-    return library.resolve(app[SETTINGS_KEY].models_path, model).path
 
 
 def _card_format(app: web.Application, model: str) -> str | None:
@@ -48,7 +38,8 @@ def _card_format(app: web.Application, model: str) -> str | None:
     settings = app[SETTINGS_KEY]
     cat = catalog.load(settings.data_dir)
     try:
-        entry = cat.find(recommend.repo_of(cat, settings.models_path, model))
+        path = app[MANAGER_KEY].model_file(model)
+        entry = cat.find(recommend.repo_of(cat, settings.models_path, model, path))
     except BridgeError:
         return None
     return entry.prompt_format if entry else None

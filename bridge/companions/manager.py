@@ -241,7 +241,10 @@ class Companions:
 
     # --- status ------------------------------------------------------------------------------------------
 
-    def status(self, engine_vision: dict[str, Any] | None = None) -> dict[str, Any]:
+    def status(self, engine_vision: dict[str, Any] | None = None,
+               chat_model: str | None = None) -> dict[str, Any]:
+        """What runs beside the chat model; with `chat_model` (its path), also the user's projector choice
+        for it ("auto", "off" or a projector id)."""
         embedder = self.embedder
         embedding = {
             "state": embedder.state,
@@ -257,6 +260,8 @@ class Companions:
         }
         vision = {"projector": (engine_vision or {}).get("projector"), "plan": None, "note": self.vision_note,
                   "enabled": self.settings.vision}
+        if chat_model:
+            vision["choice"] = self._state.get("vision", {}).get(chat_model, "auto")
         if self.vision_plan is not None:
             vision["plan"] = self.vision_plan
             vision["model"] = self.vision_plan["model_id"]
