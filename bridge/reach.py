@@ -20,6 +20,7 @@ import contextlib
 import ipaddress
 import re
 import socket
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ DOCKER_HOST_NAMES = ("host.docker.internal", "gateway.docker.internal")
 # Docker names its bridge networks' host interfaces docker0 (the default network) and br-<12 hex digits>.
 DOCKER_INTERFACE = re.compile(r"^(docker\d+|br-[0-9a-f]{12})$")
 ADDRESS_TTL_S = 5.0  # interface addresses change (DHCP, VPNs, Docker networks): look again this often
+# getfqdn() asks the resolver, which on a Mac with a slow or absent DNS server takes seconds: the bridge
+# starts without the fully qualified name rather than wait for it.
+FQDN_TIMEOUT_S = 1.0
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -131,13 +135,28 @@ def split_host(header: str) -> str:
     return value.split("%", 1)[0].rstrip(".")
 
 
-def own_names() -> set[str]:
-    """This machine's names: its host name, that name on mDNS (`.local`), and its fully qualified name."""
+def own_names(fqdn_timeout_s: float = FQDN_TIMEOUT_S) -> set[str]:
+    """This machine's names: its host name, that name on mDNS (`.local`), and its fully qualified name
+    when the resolver gives it within `fqdn_timeout_s`."""
     names = {socket.gethostname().lower()}
-    with contextlib.suppress(OSError):
-        names.add(socket.getfqdn().lower())
+    if fqdn := _fqdn(fqdn_timeout_s):
+        names.add(fqdn.lower())
     names |= {f"{name.split('.', 1)[0]}.local" for name in list(names) if name}
     return {name.rstrip(".") for name in names if name}
+
+
+def _fqdn(timeout_s: float) -> str | None:
+    """socket.getfqdn() in a thread of its own, given up after `timeout_s` (the thread ends by itself)."""
+    found: list[str] = []
+
+    def look_up() -> None:
+        with contextlib.suppress(OSError):
+            found.append(socket.getfqdn())
+
+    thread = threading.Thread(target=look_up, name="fqdn", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return found[0] if found else None
 
 
 def interface_addresses() -> set[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from bridge.reach import (
     Reach,
     interface_addresses,
     origin_allowed,
+    own_names,
     parse_origin_pattern,
     split_host,
 )
@@ -167,6 +169,17 @@ def test_the_host_check_knows_this_machine() -> None:
                    "localhost.evil.example"):
         assert not check.allows(header), header
     assert check.allows(None)  # HTTP/1.0 without a Host header: not a browser
+
+
+def test_a_slow_resolver_does_not_hold_up_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """getfqdn() on a Mac without a reachable DNS server blocks for seconds: the names come without it."""
+    monkeypatch.setattr(socket, "getfqdn", lambda *_: time.sleep(3) or "slow.example.lan")
+    started = time.monotonic()
+    names = own_names(fqdn_timeout_s=0.2)
+    assert time.monotonic() - started < 1.5
+    assert socket.gethostname().lower() in names and "slow.example.lan" not in names
+    monkeypatch.setattr(socket, "getfqdn", lambda *_: "quick.example.lan")
+    assert "quick.example.lan" in own_names(fqdn_timeout_s=2)
 
 
 def test_docker_gateways_answer_only_their_networks() -> None:
