@@ -36,6 +36,7 @@ export class Controller {
         this.models = []; // local models, GET /models
         this.quants = []; // the loaded model's quants: {id, quant, verdict, local, repo, file, size_bytes}
         this.quantsUnknown = new Set(); // models whose repository the bridge does not know
+        this.quantsTurn = 0; // refreshQuants calls so far: an older one finishing late changes nothing
         this.loadProgress = null; // {model, fraction} while a model loads
         this.downloads = new Map(); // id -> last progress event
         this.candidates = []; // the last "Recommend model" list, as describeCandidate() gives it
@@ -317,7 +318,7 @@ export class Controller {
      */
     async refreshQuants() {
         const model = this.status?.model;
-        const local = model ? localSiblings(this.models, model) : [];
+        const turn = ++this.quantsTurn;
         let remote = [];
         if (model && !this.quantsUnknown.has(model)) {
             try {
@@ -329,6 +330,9 @@ export class Controller {
                 console.info('[st-bridge] quants:', error.message);
             }
         }
+        // A refresh started later knows newer models (or another loaded model): its answer stands.
+        if (turn !== this.quantsTurn) return;
+        const local = model ? localSiblings(this.models, model) : [];
         this.quants = mergeQuants(remote, local);
         this.emit('quants');
     }

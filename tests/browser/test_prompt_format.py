@@ -95,6 +95,9 @@ def send(stage: Stage, text: str) -> tuple[dict[str, Any], list[dict[str, Any]]]
         page.page.fill("#send_textarea", text)
         page.page.click("#send_but")
     page.wait_js("() => window.__ended", 90)
+    # ST may still be writing the reply into the chat and saving it when it announces the end.
+    page.wait_js("""async () => { const st = await import('/script.js');
+        return !st.is_send_press && !st.isChatSaving; }""", 60)
     chat = page.js("() => SillyTavern.getContext().chat.map(m => ({is_user: m.is_user, mes: m.mes}))")
     return sent.value.post_data_json, chat[:-1]  # the last message is the reply
 

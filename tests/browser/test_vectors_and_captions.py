@@ -90,6 +90,8 @@ def companions(stage: Stage, request: pytest.FixtureRequest) -> Iterator[Compani
             call(stage, "DELETE", "/bridge/v1/companions/embedding")
         if stage.bridge.status()["model"] != CHAT_MODEL:
             call(stage, "POST", "/bridge/v1/load", {"model": CHAT_MODEL})
+            wait_online(stage, CHAT_MODEL, timeout_s=90)  # the panel reconnects SillyTavern (automatic)
+            stage.browser.wait_js("() => !window.stBridge.connecting")
         shutil.rmtree(folder)
 
 
@@ -151,7 +153,12 @@ def open_chat_with_past(stage: Stage) -> None:
 
 
 def clear_chat(stage: Stage) -> None:
-    stage.browser.js("""async () => { const c = SillyTavern.getContext(); c.chat.splice(1);
+    """Back to the greeting alone, once ST has finished what it was doing with the chat (a save racing this
+    one is refused by ST's integrity check, and a reply saved after it would come back)."""
+    page = stage.browser
+    page.wait_js("""async () => { const st = await import('/script.js');
+        return !st.is_send_press && !st.isChatSaving; }""", 60)
+    page.js("""async () => { const c = SillyTavern.getContext(); c.chat.splice(1);
         await c.saveChat(); await c.reloadCurrentChat(); }""")
 
 
@@ -307,7 +314,10 @@ def test_caption_describes_an_attached_image_with_the_models_projector(stage: St
         page.wait_js("() => SillyTavern.getContext().chat.length >= 1")
         before = page.js("() => SillyTavern.getContext().chat.length")
         page.page.set_input_files("#img_file", str(image))  # what picking a file in "Generate Caption" does
-        page.wait_js("(n) => SillyTavern.getContext().chat.length > n", 120, arg=before)
+        # Caption shows an hourglass until the captioned message is in the chat and saved.
+        page.wait_js("""(n) => SillyTavern.getContext().chat.length > n
+            && !$('#send_picture .extensionsMenuExtensionButton').hasClass('fa-hourglass-half')""", 120,
+                     arg=before)
         message = page.js("() => SillyTavern.getContext().chat.at(-1)")
     finally:
         point_caption_at(stage, stage.bridge.url)
