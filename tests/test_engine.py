@@ -339,3 +339,20 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_the_worker_computes_on_a_threadpool_of_its_own_as_llama_server_does(tiny_model: Path) -> None:
+    """The context gets a persistent CPU pool (threadpool.py) sized to its threads, freed after it."""
+    from bridge.devices.placement import DevicePlacement
+    from bridge.engine.worker import Runner
+
+    runner = Runner.load(LoadSpec(model_path=str(tiny_model), model_id="tiny", n_ctx=512, n_threads=2,
+                                  placement=DevicePlacement()))
+    try:
+        assert runner.pools is not None and len(runner.pools.pools) == 1  # one count for tokens and batches
+        before = list(runner.tokenize_text("Hello there", add_bos=True))
+        runner.load_prompt(before, cancelled=lambda: None)
+        assert runner.cached == before  # the graph ran on the attached pool
+    finally:
+        runner.close()
+    assert runner.pools.pools == []

@@ -39,7 +39,7 @@ import numpy as np
 from bridge.devices.actual import Allocation, parse_load_log, rpc_buffer_aliases
 from bridge.devices.ggml import RPCUnavailable, devices_without_memory
 from bridge.devices.placement import model_params
-from bridge.engine import llama_log, swipes
+from bridge.engine import llama_log, swipes, threadpool
 from bridge.engine.chat_memory import MIB, MIN_WORTH, ChatMemory, leaves
 from bridge.engine.progress import DECODE_ABORTED, ComputeWatch
 from bridge.engine.reuse import common_prefix, plan_reuse
@@ -98,6 +98,7 @@ class Runner:
     cached: list[int] = field(default_factory=list)
     allocation: Allocation = field(default_factory=Allocation)  # what llama.cpp allocated, per device
     vision: Vision | None = None  # the projector, when the spec names one (vision.py)
+    pools: threadpool.ThreadPools | None = None  # its CPU threads, kept between graphs (threadpool.py)
 
     def __post_init__(self) -> None:
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
@@ -134,6 +135,8 @@ class Runner:
         if layers < 0:  # "all": every block plus the output layer, as the planner counts them
             layers = llama_cpp.llama_model_n_layer(model) + 1
         runner = cls(spec=spec, model=model, ctx=ctx, n_gpu_layers=layers)
+        runner.pools = threadpool.attach(ctx, llama_cpp.llama_n_threads(ctx),
+                                         llama_cpp.llama_n_threads_batch(ctx))
         aliases = rpc_buffer_aliases(devices_without_memory()) if spec.placement else {}
         runner.allocation = parse_load_log("".join(log_pieces).splitlines(), aliases)
         try:
@@ -172,6 +175,8 @@ class Runner:
         if self.vision is not None:
             self.vision.close()
         llama_cpp.llama_free(self.ctx)
+        if self.pools is not None:  # after the context: it computes on them until it is freed
+            self.pools.free()
         llama_cpp.llama_model_free(self.model)
 
     # ---- prompt --------------------------------------------------------------------------------------
