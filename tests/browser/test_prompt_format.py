@@ -9,6 +9,7 @@ swipes are generated in one request and all shown (ST 1.19; 1.12 has no multi-sw
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import urllib.request
 from pathlib import Path
@@ -102,6 +103,12 @@ def send(stage: Stage, text: str) -> tuple[dict[str, Any], list[dict[str, Any]]]
     return sent.value.post_data_json, chat[:-1]  # the last message is the reply
 
 
+def trimmed_turns(prompt: str) -> str:
+    """A Llama 3 prompt with each turn's text stripped, as the template's `| trim` writes it."""
+    return re.sub(r"(<\|end_header_id\|>\n\n)(.*?)(<\|eot_id\|>)", lambda m: m[1] + m[2].strip() + m[3],
+                  prompt, flags=re.S)
+
+
 def models_own_prompt(model_file: Path, fmt: dict[str, Any], prompt: str, chat: list[dict[str, Any]]) -> str:
     """The model's Jinja render of `chat` after the system prompt ST wrote (read between the format's
     system opening and closing), with the generation prompt, without the BOS text the bridge adds."""
@@ -147,7 +154,9 @@ def test_the_prompt_format_follows_the_model_and_st_sends_its_own_prompt(stage: 
         llama3 = stage.bridge.get_json(f"/bridge/v1/models/{LLAMA3_MODEL}/prompt-format")
         body, chat = send(stage, "Tell me more about the forest.")
         own = models_own_prompt(models / f"{LLAMA3_MODEL}.gguf", llama3, body["prompt"], chat)
-        assert body["prompt"] == own
+        # Llama 3's template trims every message (`| trim`); ST writes a message as it is. They differ only
+        # where a message starts or ends with white space (the tiny model's replies now and then do).
+        assert trimmed_turns(body["prompt"]) == own
         assert body["prompt"].endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
         assert "<|im_start|>" not in body["prompt"]
 
