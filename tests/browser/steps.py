@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
 from typing import Any
 
 from tests.fixtures.sillytavern import Stage
@@ -107,3 +109,21 @@ def saved_settings(stage: Stage, check: Any, timeout_s: float = 10) -> dict[str,
         if check(settings) or time.monotonic() > deadline:
             return settings
         stage.browser.page.wait_for_timeout(200)
+
+
+def bridge_call(stage: Stage, method: str, path: str, body: dict | None = None) -> dict:
+    """A management call to the stage's bridge, as the panel makes it (JSON, the page's origin)."""
+    request = urllib.request.Request(stage.bridge.url + path, method=method,
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", "Origin": stage.st.origin})
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        return json.loads(reply.read())
+
+
+def open_chat(stage: Stage) -> None:
+    """The first character's chat, with at least its greeting shown."""
+    page = stage.browser
+    page.js("() => SillyTavern.getContext().selectCharacterById(0)")
+    page.wait_js("() => SillyTavern.getContext().characterId !== undefined"
+                 " && $('#send_textarea').is(':visible')")
+    page.wait_js("() => SillyTavern.getContext().chat.length >= 1")  # the character's greeting

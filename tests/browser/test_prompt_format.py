@@ -19,7 +19,7 @@ import pytest
 
 from bridge.gguf import model_info, read_file
 from bridge.templates.jinja_render import render
-from tests.browser.steps import ensure_connected, press_use_in_sillytavern, show_panel, wait_online
+from tests.browser.steps import ensure_connected, open_chat, press_use_in_sillytavern, show_panel, wait_online
 from tests.fixtures.sillytavern import Stage
 from tests.fixtures.template_models import tiny_llama3
 
@@ -77,14 +77,6 @@ def set_response_length(stage: Stage, tokens: int) -> int:
     return stage.browser.js("""async (n) => { const script = await import('/script.js');
         const before = script.amount_gen; script.setGenerationParamsFromPreset({ genamt: n });
         return before; }""", tokens)
-
-
-def open_chat(stage: Stage) -> None:
-    page = stage.browser
-    page.js("() => SillyTavern.getContext().selectCharacterById(0)")
-    page.wait_js("() => SillyTavern.getContext().characterId !== undefined"
-                 " && $('#send_textarea').is(':visible')")
-    page.wait_js("() => SillyTavern.getContext().chat.length >= 1")  # the character's greeting
 
 
 def send(stage: Stage, text: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:

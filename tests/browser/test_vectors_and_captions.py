@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import urllib.request
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +18,15 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.browser.steps import ensure_connected, saved_settings, show_panel, wait_bridge_state, wait_online
+from tests.browser.steps import (
+    bridge_call,
+    ensure_connected,
+    open_chat,
+    saved_settings,
+    show_panel,
+    wait_bridge_state,
+    wait_online,
+)
 from tests.fixtures import companion_models
 from tests.fixtures.hub import _ServerThread
 from tests.fixtures.sillytavern import Stage
@@ -53,14 +61,6 @@ PAST = [
 RECALLED = PAST[3]
 
 
-def call(stage: Stage, method: str, path: str, body: dict | None = None) -> dict:
-    request = urllib.request.Request(stage.bridge.url + path, method=method,
-                                     data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json", "Origin": stage.st.origin})
-    with urllib.request.urlopen(request, timeout=120) as reply:
-        return json.loads(reply.read())
-
-
 @dataclass
 class Companions:
     """The ids of the companion files a test put in the stage's models folder."""
@@ -87,9 +87,9 @@ def companions(stage: Stage, request: pytest.FixtureRequest) -> Iterator[Compani
         yield Companions(f"{prefix}/embed/{EMBEDDING_FILE[:-5]}", f"{prefix}/vision/{VISION_FILE[:-5]}")
     finally:
         if stage.bridge.status()["companions"]["embedding"]["state"] != "empty":
-            call(stage, "DELETE", "/bridge/v1/companions/embedding")
+            bridge_call(stage, "DELETE", "/bridge/v1/companions/embedding")
         if stage.bridge.status()["model"] != CHAT_MODEL:
-            call(stage, "POST", "/bridge/v1/load", {"model": CHAT_MODEL})
+            bridge_call(stage, "POST", "/bridge/v1/load", {"model": CHAT_MODEL})
             wait_online(stage, CHAT_MODEL, timeout_s=90)  # the panel reconnects SillyTavern (automatic)
             stage.browser.wait_js("() => !window.stBridge.connecting")
         shutil.rmtree(folder)
@@ -134,10 +134,7 @@ def vector_settings(settings: dict[str, Any]) -> dict[str, Any]:
 def open_chat_with_past(stage: Stage) -> None:
     """The first character's chat, started afresh, with PAST as its messages (user and character in turn)."""
     page = stage.browser
-    page.js("() => SillyTavern.getContext().selectCharacterById(0)")
-    page.wait_js("() => SillyTavern.getContext().characterId !== undefined"
-                 " && $('#send_textarea').is(':visible')")
-    page.wait_js("() => SillyTavern.getContext().chat.length >= 1")  # the character's greeting
+    open_chat(stage)
     page.js("""async (texts) => {
         const c = SillyTavern.getContext();
         c.chat.splice(1);
@@ -178,6 +175,46 @@ def vectorize_all(stage: Stage) -> None:
         return $('#vectorize_progress').css('display') !== 'none'; }""")
     assert started, "Vectorize All did not start"
     page.wait_js("() => $('#vectorize_progress').css('display') === 'none'", 120)
+
+
+class VectorTraffic:
+    """Vector Storage's requests to ST's server while a test runs: ST vectorises new messages by itself a
+    moment after they arrive, and one still running when the test drops the embedding model would fail."""
+
+    QUIET_S = 2.0  # longer than ST's debounce before it vectorises new messages
+
+    def __init__(self, stage: Stage) -> None:
+        self._page: Any = stage.browser.page
+        self.running = 0
+        self.last = time.monotonic()
+        self._page.on("request", self._started)
+        self._page.on("requestfinished", self._ended)
+        self._page.on("requestfailed", self._ended)
+
+    @staticmethod
+    def _ours(request: Any) -> bool:
+        return "/api/vector/" in request.url or request.url.endswith("/embed")
+
+    def _started(self, request: Any) -> None:
+        if self._ours(request):
+            self.running += 1
+            self.last = time.monotonic()
+
+    def _ended(self, request: Any) -> None:
+        if self._ours(request):
+            self.running -= 1
+            self.last = time.monotonic()
+
+    def wait_quiet(self, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.running or time.monotonic() - self.last < self.QUIET_S:
+            assert time.monotonic() < deadline, "Vector Storage kept sending requests"
+            self._page.wait_for_timeout(200)  # Playwright delivers the page's events only while called
+
+    def close(self) -> None:
+        for event, handler in (("request", self._started), ("requestfinished", self._ended),
+                               ("requestfailed", self._ended)):
+            self._page.remove_listener(event, handler)
 
 
 def recalled_block(prompt: str) -> str:
@@ -227,12 +264,15 @@ def test_vector_storage_retrieves_a_past_message_through_the_bridge(stage: Stage
     assert vectors["alt_endpoint_url"].rstrip("/") == stage.bridge.url
 
     open_chat_with_past(stage)
+    traffic = VectorTraffic(stage)
     use_chat_vectors(stage, True)
     try:
         vectorize_all(stage)
         prompt = send_and_read_prompt(stage, RECALLED)
     finally:
         use_chat_vectors(stage, False)
+        traffic.wait_quiet()  # the reply's own vectorising, which ST starts a moment after it
+        traffic.close()
         clear_chat(stage)
     block = recalled_block(prompt)
     by_user = PAST.index(RECALLED) % 2 == 0  # PAST alternates user and character
@@ -291,7 +331,7 @@ def test_caption_describes_an_attached_image_with_the_models_projector(stage: St
                                                                        tmp_path: Path) -> None:
     page = stage.browser
     ensure_connected(stage)
-    call(stage, "POST", "/bridge/v1/load", {"model": companions.vision_model})
+    bridge_call(stage, "POST", "/bridge/v1/load", {"model": companions.vision_model})
     wait_online(stage, companions.vision_model, timeout_s=90)
     page.wait_js("() => !window.stBridge.connecting")
     show_panel(stage)
@@ -310,8 +350,7 @@ def test_caption_describes_an_attached_image_with_the_models_projector(stage: St
     page.js("() => { window.stBridge.settings.auto = false; }")
     point_caption_at(stage, recorder.url)
     try:
-        page.js("() => SillyTavern.getContext().selectCharacterById(0)")
-        page.wait_js("() => SillyTavern.getContext().chat.length >= 1")
+        open_chat(stage)
         before = page.js("() => SillyTavern.getContext().chat.length")
         page.page.set_input_files("#img_file", str(image))  # what picking a file in "Generate Caption" does
         # Caption shows an hourglass until the captioned message is in the chat and saved.
@@ -345,7 +384,7 @@ def test_the_panel_drops_the_companions(stage: Stage, companions: Companions) ->
     assert wait_companion_state(stage, "embedding", "empty") == "no embedding model"
     assert stage.bridge.status()["companions"]["embedding"]["state"] == "empty"
 
-    call(stage, "POST", "/bridge/v1/load", {"model": companions.vision_model})
+    bridge_call(stage, "POST", "/bridge/v1/load", {"model": companions.vision_model})
     wait_companion_state(stage, "vision", "ready", timeout_s=90)
     page.page.select_option("#st_bridge_vision_pick", "off")  # the chat model loads again without it
     assert wait_companion_state(stage, "vision", "empty", timeout_s=90) == "the chat model sees no images"

@@ -3,24 +3,13 @@ after a load shows the split: planned beside allocated memory for the worker's d
 
 from __future__ import annotations
 
-import json
-import urllib.request
-
 import pytest
 
-from tests.browser.steps import open_remote_settings, type_into_panel, wait_bridge_state
+from tests.browser.steps import bridge_call, open_remote_settings, type_into_panel, wait_bridge_state
 from tests.fixtures.rpc import lent_for_split, start_worker
 from tests.fixtures.sillytavern import BRIDGE_CTX, Stage
 
 pytestmark = pytest.mark.browser
-
-
-def call(stage: Stage, method: str, path: str, body: dict | None = None) -> dict:
-    request = urllib.request.Request(stage.bridge.url + path, method=method,
-                                     data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json", "Origin": stage.st.origin})
-    with urllib.request.urlopen(request, timeout=120) as reply:
-        return json.loads(reply.read())
 
 
 def wait_worker_state(stage: Stage, row: str, state: str) -> None:
@@ -42,7 +31,7 @@ def test_the_panel_adds_a_worker_and_shows_the_split_after_a_load(stage: Stage) 
         assert "CPU" in page.page.locator(f"{row} .st-bridge-worker-devices").inner_text()
 
         # planned again, with the worker (an f16 cache, as the lent memory was sized for)
-        call(stage, "POST", "/bridge/v1/load", {"gpu_layers": "auto", "kv_type": "f16"})
+        bridge_call(stage, "POST", "/bridge/v1/load", {"gpu_layers": "auto", "kv_type": "f16"})
         plan = stage.bridge.status()["plan"]
         assert plan["placement"]["rpc_servers"] == [worker.address]
         assert 0 < sum(plan["placement"]["layers"]) <= plan["n_layer"]  # some layers stay on the CPU
@@ -54,7 +43,7 @@ def test_the_panel_adds_a_worker_and_shows_the_split_after_a_load(stage: Stage) 
         page.screenshot("panel-worker")
     finally:
         try:
-            call(stage, "DELETE", f"/bridge/v1/workers/{worker.address}")
-            call(stage, "POST", "/bridge/v1/load", {"gpu_layers": "auto"})  # this machine alone again
+            bridge_call(stage, "DELETE", f"/bridge/v1/workers/{worker.address}")
+            bridge_call(stage, "POST", "/bridge/v1/load", {"gpu_layers": "auto"})  # this machine alone again
         finally:
             worker.stop()
