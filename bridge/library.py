@@ -6,6 +6,8 @@ request can never make the bridge open a path of its choosing.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -42,16 +44,13 @@ def _unsplit(name: str) -> str:
 
 def scan(root: Path) -> list[LocalModel]:
     """Every GGUF model under `root` (sub-folders included), sorted by id."""
-    if not root.is_dir():
-        return []
     models = []
-    for path in sorted(root.rglob(f"*{GGUF_SUFFIX}")):
+    for path in _gguf_files(root):
         shard = SPLIT_RE.search(path.name)
-        if shard and shard["no"] != "00001":
+        if (shard and shard["no"] != "00001") or is_projector(path):
             continue
-        if not path.is_file() or is_projector(path):
-            continue
-        models.append(LocalModel(model_id(path, root), path, _set_size(path, shard is not None)))
+        with contextlib.suppress(OSError):  # gone since the folder was read
+            models.append(LocalModel(model_id(path, root), path, _set_size(path, shard is not None)))
     return sorted(models, key=lambda m: m.id)
 
 
@@ -62,11 +61,21 @@ def is_projector(path: Path | str) -> bool:
 
 def projectors(root: Path) -> list[LocalModel]:
     """The vision projectors under `root`, with ids like models' ids."""
-    if not root.is_dir():
-        return []
-    found = [LocalModel(model_id(p, root), p, p.stat().st_size)
-             for p in sorted(root.rglob(f"*{GGUF_SUFFIX}")) if p.is_file() and is_projector(p)]
+    found = []
+    for path in _gguf_files(root):
+        if is_projector(path):
+            with contextlib.suppress(OSError):
+                found.append(LocalModel(model_id(path, root), path, path.stat().st_size))
     return sorted(found, key=lambda m: m.id)
+
+
+def _gguf_files(root: Path) -> list[Path]:
+    """The .gguf files under `root`. os.walk passes over a folder removed while it walks (a user deleting
+    a model, a download moving into place), where Path.rglob raises."""
+    found = []
+    for folder, _dirs, files in os.walk(root):
+        found += [Path(folder) / name for name in files if name.endswith(GGUF_SUFFIX)]
+    return sorted(p for p in found if p.is_file())
 
 
 def _set_size(path: Path, sharded: bool) -> int:

@@ -5,6 +5,7 @@ up in `GET /bridge/v1/models` and as one `models_changed` event within a few sec
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import time
 from pathlib import Path
@@ -79,3 +80,27 @@ async def test_added_and_removed_files_show_up_within_seconds(
             removed |= set(events.seen[index]["data"]["removed"])
             start = index + 1
         assert events.seen[index]["data"]["models"] == ["tiny-llama-Q8_0"]
+
+
+def test_a_folder_removed_while_the_models_are_listed_is_passed_over(tmp_path: Path, monkeypatch) -> None:
+    """A user deleting a model's folder while the panel lists models or companions: no error (it was a
+    500 on GET /bridge/v1/companions while a test removed its folder)."""
+    from bridge import library
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / f"{folder}-Q8_0.gguf").write_bytes(b"GGUF")
+        (tmp_path / folder / f"mmproj-{folder}-F16.gguf").write_bytes(b"GGUF")
+    real_walk = os.walk
+
+    def walk_while_b_goes(root, *args, **kwargs):
+        for step in real_walk(root, *args, **kwargs):
+            if Path(step[0]) == tmp_path:
+                shutil.rmtree(tmp_path / "b")  # listed already, gone before it is read
+            yield step
+
+    monkeypatch.setattr(library.os, "walk", walk_while_b_goes)
+    assert [m.id for m in library.scan(tmp_path)] == ["a/a-Q8_0"]
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "mmproj-b-F16.gguf").write_bytes(b"GGUF")
+    assert [p.id for p in library.projectors(tmp_path)] == ["a/mmproj-a-F16"]
