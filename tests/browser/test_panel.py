@@ -30,6 +30,8 @@ def test_the_panel_shows_the_hardware_and_the_loaded_model(stage: Stage) -> None
     # The panel's probe and this one ran at different moments: free memory may differ, nothing else.
     assert without_free_figures(shown) == without_free_figures(hardware["summary"])
     assert page.page.locator("#st_bridge_model_name").inner_text() == status["model"]
+    # The memory figure comes with the plan, which may reach the panel a moment after the model's name.
+    page.wait_js(r"() => / · [\d.]+ [KMG]B RAM$/.test($('#st_bridge_model_details').text())")
     details = page.page.locator("#st_bridge_model_details").inner_text()
     quant = status["model"].rsplit("-", 1)[1]
     assert details.startswith(f"{quant} · 4k context · {status['n_gpu_layers']} GPU layers")
