@@ -48,7 +48,7 @@ from typing import Any
 
 from . import fit, library, quality, reasons, speed
 from .catalog import FILE_BPW, Catalog, CatalogFile, CatalogModel, base_quant, layout_from_dict
-from .errors import BadRequest, NotFound
+from .errors import BadRequest
 from .gguf import ModelInfo, swa_layers_for
 from .hardware import HardwareReport, gb, what_if
 
@@ -317,7 +317,9 @@ def model_quants(
     """
     repo = find_repo(catalog, models_dir, model, path)
     if repo is None:  # a model of the folder all the same: no other quants to offer, which is no error
-        return {"repo": None, "n_ctx": n_ctx, "best": None, "quants": [], "note": _unknown_repo(model)}
+        note = (f"{model} is not from a catalog repository, so its other quants are unknown; "
+                "`st-bridge catalog` lists the repositories it knows")
+        return {"repo": None, "n_ctx": n_ctx, "best": None, "quants": [], "note": note}
     local = _local_files(models_dir, repo)
     options = quants(catalog, repo, report, n_ctx=n_ctx, cpu=cpu)
     for c in options:
@@ -331,17 +333,10 @@ def model_quants(
     }
 
 
-def repo_of(catalog: Catalog, models_dir: Path, model: str, path: Path | None = None) -> str:
-    """The catalog repository of a repository name or a local model id (`owner/name/file-stem`) whose
-    file is `path` (found in `models_dir` when not given)."""
-    repo = find_repo(catalog, models_dir, model, path)
-    if repo is None:
-        raise NotFound(_unknown_repo(model), model=model)
-    return repo
-
-
 def find_repo(catalog: Catalog, models_dir: Path, model: str, path: Path | None = None) -> str | None:
-    """`repo_of`, or None for a local model from no catalog repository (an unknown id is NotFound)."""
+    """The catalog repository of a repository name or a local model id (`owner/name/file-stem`) whose
+    file is `path` (found in `models_dir` when not given); None for a local model from no catalog
+    repository (an unknown id is NotFound)."""
     if (found := catalog.find(model)) is not None:
         return found.repo
     library.check_id(model)
@@ -353,11 +348,6 @@ def find_repo(catalog: Catalog, models_dir: Path, model: str, path: Path | None 
         if any(p.path.endswith(name) for f in m.files for p in f.parts):
             return m.repo
     return None
-
-
-def _unknown_repo(model: str) -> str:
-    return (f"{model} is not from a catalog repository, so its other quants are unknown; "
-            "`st-bridge catalog` lists the repositories it knows")
 
 
 def _local_files(models_dir: Path, repo: str) -> dict[str, str]:

@@ -8,6 +8,7 @@ from its chat template (bridge/templates); a model without one gets its family's
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -29,17 +30,18 @@ async def prompt_format(request: web.Request) -> web.Response:
 
 def _prompt_format(app: web.Application, model: str) -> dict[str, Any]:
     path = app[MANAGER_KEY].model_file(model)
-    fmt = format_for_file(path, model, card_format=_card_format(app, model))
+    fmt = format_for_file(path, model, card_format=_card_format(app, model, path))
     return {"model": model, **fmt.to_dict()}
 
 
-def _card_format(app: web.Application, model: str) -> str | None:
-    """The prompt format the model card names, when the model comes from a catalog repository."""
+def _card_format(app: web.Application, model: str, path: Path) -> str | None:
+    """The prompt format the model card names, when the model (file `path`) comes from a catalog
+    repository."""
     settings = app[SETTINGS_KEY]
     cat = catalog.load(settings.data_dir)
     try:
-        path = app[MANAGER_KEY].model_file(model)
-        entry = cat.find(recommend.repo_of(cat, settings.models_path, model, path))
+        repo = recommend.find_repo(cat, settings.models_path, model, path)
     except BridgeError:
         return None
+    entry = cat.find(repo) if repo else None
     return entry.prompt_format if entry else None

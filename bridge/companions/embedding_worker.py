@@ -52,8 +52,6 @@ class EmbeddingSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-
-
 class EmbeddingRunner:
     """A loaded embedding model and its context."""
 
